@@ -1,0 +1,1 @@
+//! shardlease (work in progress)
