@@ -1,0 +1,449 @@
+//! Membership, liveness and fencing against a real PostgreSQL (one fresh database per test).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{eventually, ChildMember, TestDb};
+use shardlease::{Error, FenceReason, Member, MemberConfig, MemberState, View};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn fast(group: &str, member: &str) -> MemberConfig {
+    MemberConfig::new(group, member)
+        .heartbeat(Duration::from_millis(200))
+        .lease_ttl(Duration::from_millis(1500))
+        .crash_check(Duration::from_millis(50))
+}
+
+async fn wait_members(m: &Member, n: usize, what: &str) -> View {
+    m.wait_for(WAIT, |v| v.members.len() == n && v.is_joined())
+        .await
+        .unwrap_or_else(|| panic!("{}: timed out waiting for {n} members ({what}); view {:?}", m.member_id(), m.view()))
+}
+
+/// Not a test: the body of the child process of the crash and hang tests.
+#[tokio::test]
+#[ignore = "run as a child process by the crash and hang tests"]
+async fn child_member() {
+    common::run_child_member().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrate_is_safe_and_idempotent() {
+    let db = TestDb::empty().await;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let pg = db.pg.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = shardlease::connect_client(&pg, "migrate-race").await.unwrap();
+            shardlease::migrate(&mut c).await
+        }));
+    }
+    let mut applied = 0;
+    for t in tasks {
+        let report = t.await.unwrap().expect("every concurrent migrate succeeds");
+        assert_eq!(report.version, shardlease::migrate::required_version());
+        applied += report.applied.len();
+    }
+    let expected = shardlease::migrate::required_version() as usize;
+    assert_eq!(applied, expected, "each migration applied exactly once across 10 racers");
+    let c = db.client().await;
+    let rows: i64 = c
+        .query_one("SELECT count(*) FROM shardlease.schema_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows as usize, expected);
+    let mut c = db.client().await;
+    let again = shardlease::migrate(&mut c).await.unwrap();
+    assert!(again.applied.is_empty(), "a second run is a no-op");
+    shardlease::check_migrated(&c).await.unwrap();
+}
+
+#[tokio::test]
+async fn every_table_view_and_column_has_a_comment() {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    let missing: Vec<String> = c
+        .query(
+            "SELECT c.relname || coalesce('.' || a.attname, '') FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = 'shardlease' \
+             LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+             WHERE c.relkind IN ('r', 'v') AND c.relname <> 'schema_history' \
+               AND (obj_description(c.oid, 'pg_class') IS NULL \
+                    OR (a.attname IS NOT NULL AND col_description(c.oid, a.attnum) IS NULL))",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(missing.is_empty(), "objects without COMMENT ON: {missing:?}");
+}
+
+#[tokio::test]
+async fn not_migrated_database_gets_a_clear_error() {
+    let db = TestDb::empty().await;
+    let err = Member::join(&db.pg, fast("g", "a")).await.unwrap_err();
+    assert!(matches!(err, Error::NotMigrated { .. }), "{err:?}");
+    assert!(err.to_string().contains("shardlease-worker migrate"), "{err}");
+    let c = db.client().await;
+    let err = shardlease::check_migrated(&c).await.unwrap_err();
+    assert!(matches!(err, Error::NotMigrated { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors() {
+    let err = shardlease::parse_database_url("not a url at all").unwrap_err();
+    assert!(matches!(err, Error::Url(_)), "{err:?}");
+    let err = shardlease::parse_database_url("postgres://u:hunter2@h/db?sslmode=verify-full").unwrap_err();
+    assert!(!err.to_string().contains("hunter2"), "the password must never be printed: {err}");
+    // Nothing listens on port 1.
+    let pg = shardlease::parse_database_url("postgres://u:hunter2@127.0.0.1:1/db").unwrap();
+    let err = Member::join(&pg, fast("g", "a")).await.unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err:?}");
+    assert!(err.is_transient());
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+    assert!(err.to_string().contains("127.0.0.1:1/db"), "{err}");
+    let err = Member::join(&pg, fast("", "a")).await.unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_and_leave_keep_slots_and_slot_count() {
+    let db = TestDb::migrated().await;
+    let a = Member::join(&db.pg, fast("g", "a")).await.unwrap();
+    let b = Member::join(&db.pg, fast("g", "b")).await.unwrap();
+    let c = Member::join(&db.pg, fast("g", "c")).await.unwrap();
+    for m in [&a, &b, &c] {
+        let v = wait_members(m, 3, "three joined").await;
+        assert_eq!(v.slot_count, 3);
+        assert_eq!(v.generation, 3);
+    }
+    assert_eq!(
+        [a.view().my_slot(), b.view().my_slot(), c.view().my_slot()],
+        [Some(0), Some(1), Some(2)]
+    );
+
+    // The middle member leaves: its slot is vacated, S stays.
+    b.leave().await.unwrap();
+    for m in [&a, &c] {
+        let v = wait_members(m, 2, "b left").await;
+        assert_eq!(v.slot_count, 3, "S never shrinks for a non-top slot");
+        assert_eq!(v.member_in(1), None);
+    }
+    // A joiner refills the lowest vacant slot.
+    let d = Member::join(&db.pg, fast("g", "d")).await.unwrap();
+    assert_eq!(d.view().my_slot(), Some(1));
+    assert_eq!(wait_members(&a, 3, "d joined").await.slot_count, 3);
+
+    // The top slot leaves: S shrinks by exactly one.
+    c.leave().await.unwrap();
+    let v = wait_members(&a, 2, "c left").await;
+    assert_eq!(v.slot_count, 2);
+
+    let generation = v.generation;
+    a.leave().await.unwrap();
+    d.leave().await.unwrap();
+    let admin = db.client().await;
+    let row = admin
+        .query_one(
+            "SELECT generation, slot_count, (SELECT count(*) FROM shardlease.leases) FROM shardlease.groups",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0) as u64, generation + 2);
+    assert_eq!(row.get::<_, i64>(2), 0, "no lease left behind");
+    let locks: i64 = admin
+        .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(locks, 0, "leaving releases the advisory locks");
+}
+
+#[tokio::test]
+async fn duplicate_member_id_and_protocol_mismatch_are_refused() {
+    let db = TestDb::migrated().await;
+    let a = Member::join(&db.pg, fast("g", "a")).await.unwrap();
+    let err = Member::join(&db.pg, fast("g", "a")).await.unwrap_err();
+    assert!(matches!(err, Error::MemberIdInUse { .. }), "{err:?}");
+    let admin = db.client().await;
+    admin
+        .batch_execute("UPDATE shardlease.groups SET protocol_version = 99")
+        .await
+        .unwrap();
+    let err = Member::join(&db.pg, fast("g", "b")).await.unwrap_err();
+    assert!(matches!(err, Error::ProtocolMismatch { .. }), "{err:?}");
+    let advisory: i64 = admin
+        .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(advisory, 1, "a refused join keeps no advisory lock");
+    a.leave().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_member_process_is_reaped_fast() {
+    let db = TestDb::migrated().await;
+    let a = Member::join(&db.pg, fast("g", "a")).await.unwrap();
+    let b = Member::join(&db.pg, fast("g", "b")).await.unwrap();
+    let child = ChildMember::spawn(&db, "g", "victim", 200, 1500);
+    child.expect_line("READY", WAIT);
+    wait_members(&a, 3, "child joined").await;
+    wait_members(&b, 3, "child joined").await;
+    let before = a.view().generation;
+
+    let killed = Instant::now();
+    child.signal("KILL");
+    let gone = |v: &View| v.members.len() == 2 && v.member_in(2).is_none();
+    let (va, vb) = tokio::join!(a.wait_for(WAIT, gone), b.wait_for(WAIT, gone));
+    let latency = killed.elapsed();
+    let (va, vb) = (va.expect("a sees the crash"), vb.expect("b sees the crash"));
+    println!("kill -9 -> new view at every survivor: {latency:?}");
+    // The lease TTL is 1.5 s: a take-over well under it proves the lock path, not expiry.
+    assert!(latency < Duration::from_millis(1000), "crash detected in {latency:?}");
+    assert_eq!(va.generation, before + 1, "one reap, one generation");
+    assert_eq!((va.generation, &va.members), (vb.generation, &vb.members));
+    assert_eq!(va.slot_count, 2, "the crashed member held the top slot: S shrinks by one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_member_expires_by_the_database_clock_and_its_backend_ends() {
+    let db = TestDb::migrated().await;
+    let a = Member::join(&db.pg, fast("g", "a")).await.unwrap();
+    let child = ChildMember::spawn(&db, "g", "sleeper", 200, 1500);
+    child.expect_line("READY", WAIT);
+    wait_members(&a, 2, "child joined").await;
+    let admin = db.client().await;
+    let child_backend: i32 = admin
+        .query_one("SELECT backend_pid FROM shardlease.leases WHERE member_id = 'sleeper'", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    child.signal("STOP");
+    let stopped = Instant::now();
+    let v = a
+        .wait_for(WAIT, |v| v.members.len() == 1)
+        .await
+        .expect("the hung member is reaped");
+    let took = stopped.elapsed();
+    println!("SIGSTOP -> reaped after {took:?} (TTL 1.5 s)");
+    assert!(took >= Duration::from_millis(1000), "reaped before its lease could expire: {took:?}");
+    assert!(v.is_joined());
+    // Its session backend was proven its own (it held the lease's lock) and terminated.
+    eventually(WAIT, "the zombie's backend to end", || async {
+        admin
+            .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&child_backend])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    })
+    .await;
+
+    // Resumed, it finds its lease lost and rejoins as a new incarnation.
+    child.signal("CONT");
+    child.expect_line("VIEW gen", WAIT);
+    let v = wait_members(&a, 2, "the resumed member rejoined").await;
+    let sleeper = v.members.iter().find(|m| m.member_id == "sleeper").unwrap();
+    assert_eq!(sleeper.slot, 1, "it refills its vacated slot");
+    let incarnations: i64 = admin
+        .query_one("SELECT last_value FROM shardlease.incarnation_seq", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sleeper.incarnation, incarnations, "a new incarnation");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_write_is_rejected_after_a_membership_change() {
+    let db = TestDb::migrated().await;
+    let admin = db.client().await;
+    admin
+        .batch_execute("CREATE TABLE items (id int PRIMARY KEY, writer text)")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("INSERT INTO items SELECT g, NULL FROM generate_series(1, 10) g")
+        .await
+        .unwrap();
+    let a = Member::join(&db.pg, fast("g", "a")).await.unwrap();
+    let stale = a.view();
+    let mut work = db.client().await;
+
+    // Under the current view, the write commits.
+    let tx = stale.fence().unwrap().begin(&mut work).await.unwrap();
+    tx.execute("UPDATE items SET writer = 'a' WHERE id = 1", &[]).await.unwrap();
+    tx.commit().await.unwrap();
+
+    // A membership change moves the generation on.
+    let b = Member::join(&db.pg, fast("g", "b")).await.unwrap();
+    let Err(err) = stale.fence().unwrap().begin(&mut work).await else {
+        panic!("a stale fence must be refused")
+    };
+    match err {
+        Error::Fenced { reason, expected, current } => {
+            assert_eq!(reason, FenceReason::StaleGeneration);
+            assert_eq!(expected, stale.generation);
+            assert_eq!(current, Some(stale.generation + 1));
+        }
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    // The fresh view writes again.
+    let fresh = wait_members(&a, 2, "b joined").await;
+    let tx = fresh.fence().unwrap().begin(&mut work).await.unwrap();
+    tx.execute("UPDATE items SET writer = 'a2' WHERE id = 2", &[]).await.unwrap();
+    tx.commit().await.unwrap();
+    let writers: Vec<Option<String>> = admin
+        .query("SELECT writer FROM items WHERE id <= 2 ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(writers, [Some("a".into()), Some("a2".into())]);
+    b.leave().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_fenced_write_commits_before_the_next_generation() {
+    let db = TestDb::migrated().await;
+    let admin = db.client().await;
+    admin.batch_execute("CREATE TABLE log (generation bigint, at timestamptz default clock_timestamp())").await.unwrap();
+    let a = Member::join(&db.pg, fast("g", "a")).await.unwrap();
+    let view = a.view();
+    let mut work = db.client().await;
+    let tx = view.fence().unwrap().begin(&mut work).await.unwrap();
+    // A joiner must wait for the open fenced transaction: it needs the group row FOR UPDATE.
+    let pg = db.pg.clone();
+    let joiner = tokio::spawn(async move { Member::join(&pg, fast("g", "b")).await });
+    tokio::time::sleep(Duration::from_millis(100)).await; // give the joiner time to block
+    assert!(!joiner.is_finished(), "the join waits for the fenced transaction");
+    tx.execute("INSERT INTO log (generation) VALUES ($1)", &[&(view.generation as i64)])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let b = joiner.await.unwrap().unwrap();
+    let (write_at, change_at): (std::time::SystemTime, std::time::SystemTime) = {
+        let r = admin
+            .query_one("SELECT (SELECT at FROM log), (SELECT changed_at FROM shardlease.groups)", &[])
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(write_at < change_at, "generation G's write committed before G+1");
+    b.leave().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_and_rejoins_after_its_session_backend_is_terminated() {
+    let db = TestDb::migrated().await;
+    let a = Member::join(&db.pg, fast("g", "a")).await.unwrap();
+    let b = Member::join(&db.pg, fast("g", "b")).await.unwrap();
+    wait_members(&a, 2, "both joined").await;
+    let old = b.view();
+    let admin = db.client().await;
+    let killed: bool = admin
+        .query_one(
+            "SELECT pg_terminate_backend(backend_pid) FROM shardlease.leases WHERE member_id = 'b'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    let lost = b
+        .wait_for(WAIT, |v| matches!(v.state, MemberState::Lost { .. }))
+        .await;
+    assert!(lost.is_some(), "b reports the loss");
+    let back = b
+        .wait_for(WAIT, |v| v.is_joined() && v.members.len() == 2)
+        .await
+        .expect("b rejoins");
+    let (MemberState::Joined { incarnation: before, .. }, MemberState::Joined { incarnation: after, slot }) =
+        (old.state, back.state.clone())
+    else {
+        unreachable!()
+    };
+    assert!(after > before, "a new incarnation");
+    assert_eq!(slot, 1, "it refills its old slot");
+    assert!(back.generation > old.generation);
+    wait_members(&a, 2, "a sees b back").await;
+    b.leave().await.unwrap();
+    a.leave().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_converges_when_a_notify_never_arrives() {
+    let db = TestDb::migrated().await;
+    let admin = db.client().await;
+    // No NOTIFY at all from now on.
+    admin
+        .batch_execute("ALTER TABLE shardlease.groups DISABLE TRIGGER notify_change")
+        .await
+        .unwrap();
+    let hb = Duration::from_millis(300);
+    let cfg = |m: &str| MemberConfig::new("g", m).heartbeat(hb).lease_ttl(Duration::from_secs(3)).crash_check(hb);
+    let a = Member::join(&db.pg, cfg("a")).await.unwrap();
+    let b = Member::join(&db.pg, cfg("b")).await.unwrap();
+    let start = Instant::now();
+    a.wait_for(WAIT, |v| v.members.len() == 2)
+        .await
+        .expect("a learns of b without a NOTIFY");
+    let took = start.elapsed();
+    println!("converged without NOTIFY in {took:?} (heartbeat {hb:?})");
+    assert!(took <= hb * 3, "converged within about one heartbeat, took {took:?}");
+    b.leave().await.unwrap();
+    a.wait_for(WAIT, |v| v.members.len() == 1)
+        .await
+        .expect("a learns of b's leave without a NOTIFY");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_handle_stops_it_and_the_others_reap_it() {
+    let db = TestDb::migrated().await;
+    let a = Member::join(&db.pg, fast("g", "a")).await.unwrap();
+    let b = Member::join(&db.pg, fast("g", "b")).await.unwrap();
+    wait_members(&a, 2, "both joined").await;
+    drop(b);
+    a.wait_for(WAIT, |v| v.members.len() == 1)
+        .await
+        .expect("the dropped member is reaped");
+    a.leave().await.unwrap();
+}
+
+#[tokio::test]
+async fn reaping_never_terminates_backends_it_cannot_prove() {
+    let db = TestDb::migrated().await;
+    let admin = db.client().await;
+    let bystander = db.client().await;
+    let bystander_pid: i32 = bystander.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    // A lease that expired and claims the bystander's pid, but whose lock it does not hold.
+    admin
+        .batch_execute(&format!(
+            "INSERT INTO shardlease.groups (name, protocol_version) VALUES ('g', 1); \
+             INSERT INTO shardlease.leases (group_name, member_id, slot, incarnation, backend_pid, ttl, expires_at) \
+             VALUES ('g', 'ghost', 0, 999, {bystander_pid}, '1s', clock_timestamp() - interval '1s'); \
+             UPDATE shardlease.groups SET slot_count = 1"
+        ))
+        .await
+        .unwrap();
+    let reaped: Vec<(String, String)> = admin
+        .query("SELECT member_id, reason FROM shardlease.reap('g')", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(reaped, [("ghost".to_owned(), "expired".to_owned())]);
+    let alive: i32 = bystander.query_one("SELECT 1", &[]).await.expect("bystander survives").get(0);
+    assert_eq!(alive, 1);
+    let s: i32 = admin.query_one("SELECT slot_count FROM shardlease.groups", &[]).await.unwrap().get(0);
+    assert_eq!(s, 0, "the top slot departed");
+}
