@@ -73,7 +73,7 @@ pub(crate) async fn connect(
     cfg.application_name(application_name);
     let (client, mut connection) = cfg.connect(NoTls).await.map_err(|e| Error::Connect {
         target: describe_target(&cfg),
-        source: e,
+        cause: e,
     })?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {

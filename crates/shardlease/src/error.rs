@@ -43,13 +43,12 @@ pub enum Error {
     Url(String),
 
     /// The database could not be reached.
-    #[error("cannot connect to PostgreSQL at {target}: {source}")]
+    #[error("cannot connect to PostgreSQL at {target}: {}", chain(.cause))]
     Connect {
         /// Where we tried to connect (host, port, database, user; never the password).
         target: String,
-        /// The driver's error.
-        #[source]
-        source: tokio_postgres::Error,
+        /// The driver's error (its message is part of this error's message).
+        cause: tokio_postgres::Error,
     },
 
     /// The database lacks the shardlease schema, or an older version of it.
@@ -118,6 +117,18 @@ impl Error {
     pub fn is_fenced(&self) -> bool {
         matches!(self, Error::Fenced { .. })
     }
+}
+
+/// A driver error with its causes, on one line (the driver's own message omits them).
+fn chain(e: &tokio_postgres::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// Classify a driver error: connection-level failures and lock/serialization

@@ -1,0 +1,108 @@
+//! The statements on the items table: the tick, seeding, and per-shard counts.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use shardlease::tokio_postgres::Client;
+use shardlease::Fence;
+use uuid::Uuid;
+
+/// The table the worker ticks (`public.work_items`; the demo uses its own copy).
+#[derive(Debug, Clone)]
+pub struct Items {
+    table: String,
+}
+
+/// What one tick saw: every id of the owned shards, and how many were incremented.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TickResult {
+    /// Every id in the owned shards, sorted.
+    pub watched: Vec<Uuid>,
+    /// How many were incremented (the others were ticked by their previous owner too recently).
+    pub incremented: usize,
+}
+
+impl Items {
+    /// The worker's table.
+    pub fn work_items() -> Items {
+        Items {
+            table: "public.work_items".into(),
+        }
+    }
+
+    /// Another table of the same shape (trusted name, never user input).
+    pub fn named(table: &str) -> Items {
+        Items {
+            table: table.into(),
+        }
+    }
+
+    /// One tick, one fenced transaction, one batched statement: add 1 to `value` and stamp
+    /// `currentWorker` for every item of the owned shards that was not ticked in the last
+    /// `min_gap` (so that, across a hand-off, two increments of an item are never closer than
+    /// that), and read back every id of those shards.
+    pub async fn tick(
+        &self,
+        client: &mut Client,
+        fence: &Fence,
+        member_id: &str,
+        shards: &[i32],
+        min_gap: Duration,
+    ) -> shardlease::Result<TickResult> {
+        let tx = fence.begin(client).await?;
+        let gap = format!("{} milliseconds", min_gap.as_millis());
+        // Every SET expression sees the row before the update, so `due` is evaluated once
+        // per row consistently; due rows get updated_at = now(), which RETURNING recognises.
+        let due = "(updated_at IS NULL OR updated_at <= now() - $3::text::interval)";
+        let sql = format!(
+            "UPDATE {t} SET \
+               value = CASE WHEN {due} THEN value + 1 ELSE value END, \
+               currentworker = CASE WHEN {due} THEN $1 ELSE currentworker END, \
+               updated_at = CASE WHEN {due} THEN now() ELSE updated_at END \
+             WHERE shard = ANY($2) \
+             RETURNING id, updated_at = now()",
+            t = self.table
+        );
+        let rows = tx.query(&sql, &[&member_id, &shards, &gap]).await?;
+        tx.commit().await?;
+        let mut watched: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
+        watched.sort_unstable();
+        let incremented = rows.iter().filter(|r| r.get::<_, bool>(1)).count();
+        Ok(TickResult {
+            watched,
+            incremented,
+        })
+    }
+
+    /// Insert `count` new items in batches, reporting progress.
+    pub async fn seed(&self, client: &Client, count: u64, mut progress: impl FnMut(u64)) -> Result<()> {
+        const BATCH: u64 = 50_000;
+        let mut done = 0;
+        while done < count {
+            let n = (count - done).min(BATCH) as i64;
+            client
+                .execute(
+                    &format!("INSERT INTO {} (value) SELECT 0 FROM generate_series(1, $1::bigint)", self.table),
+                    &[&n],
+                )
+                .await?;
+            done += n as u64;
+            progress(done);
+        }
+        Ok(())
+    }
+
+    /// Item count per shard.
+    pub async fn counts_per_shard(&self, client: &Client) -> Result<Vec<(u32, i64)>> {
+        let rows = client
+            .query(
+                &format!("SELECT shard, count(*) FROM {} GROUP BY shard", self.table),
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, i32>(0) as u32, r.get::<_, i64>(1)))
+            .collect())
+    }
+}
