@@ -68,7 +68,13 @@ impl Member {
         });
         let leave = CancellationToken::new();
         let abort = CancellationToken::new();
-        let driver = Driver::new(pg.clone(), cfg.clone(), view_tx, leave.clone(), abort.clone());
+        let driver = Driver::new(
+            pg.clone(),
+            cfg.clone(),
+            view_tx,
+            leave.clone(),
+            abort.clone(),
+        );
         let session: Session = driver.open_session().await?;
         let task = tokio::spawn(driver.run(session));
         Ok(Member {
@@ -97,7 +103,11 @@ impl Member {
 
     /// Wait until the view satisfies `pred`, at most `timeout`. Returns the view, or `None`
     /// on timeout or when the member has stopped.
-    pub async fn wait_for(&self, timeout: Duration, pred: impl FnMut(&View) -> bool) -> Option<View> {
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        pred: impl FnMut(&View) -> bool,
+    ) -> Option<View> {
         let mut rx = self.view.clone();
         let found = tokio::time::timeout(timeout, async {
             rx.wait_for(pred).await.map(|view| view.clone()).ok()

@@ -48,9 +48,21 @@ pub async fn run_locked(
     prelude: &str,
     runner: refinery::Runner,
 ) -> Result<MigrationReport> {
-    client
+    // Bounded wait: a migration still running elsewhere after 5 minutes is reported, not waited on forever.
+    client.batch_execute("SET lock_timeout = '300s'").await?;
+    let locked = client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
-        .await?;
+        .await;
+    client.batch_execute("RESET lock_timeout").await?;
+    if let Err(e) = locked {
+        return Err(match e.code().map(|c| c.code()) {
+            Some("55P03") => Error::Migration(
+                "another process has held the migration lock for 5 minutes; is a migration stuck?"
+                    .into(),
+            ),
+            _ => Error::Db(e),
+        });
+    }
     let result = async {
         client.batch_execute(prelude).await?;
         let report = runner

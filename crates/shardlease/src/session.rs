@@ -64,7 +64,10 @@ impl Driver {
 
     /// Connect, LISTEN and join; publish the first view.
     pub(crate) async fn open_session(&self) -> Result<Session> {
-        let app = truncate(&format!("shardlease {}/{} joining", self.cfg.group, self.cfg.member_id));
+        let app = truncate(&format!(
+            "shardlease {}/{} joining",
+            self.cfg.group, self.cfg.member_id
+        ));
         let (client, notifications) = connect(&self.pg, &app).await?;
         let lock_timeout = timeout_ms(self.cfg.heartbeat);
         // Reaping may wait up to 2 s for a zombie backend to exit.
@@ -93,7 +96,9 @@ impl Driver {
             Ok(row) => row,
             Err(e) => {
                 // A failed join may have taken the slot lock before failing: let it go.
-                let _ = client.batch_execute("SELECT pg_advisory_unlock_all()").await;
+                let _ = client
+                    .batch_execute("SELECT pg_advisory_unlock_all()")
+                    .await;
                 return Err(classify(e, &self.cfg.group, &self.cfg.member_id));
             }
         };
@@ -156,7 +161,8 @@ impl Driver {
             };
             if let Next::Lost(reason) = next {
                 tracing::warn!(group = %self.cfg.group, member = %self.cfg.member_id, %reason, "lease lost; fenced work stops, rejoining");
-                metrics::counter!("shardlease_losses_total", "group" => self.cfg.group.clone()).increment(1);
+                metrics::counter!("shardlease_losses_total", "group" => self.cfg.group.clone())
+                    .increment(1);
                 self.publish_state(MemberState::Lost { reason });
                 // Dropping the session closes the connection, which releases its locks.
                 session = None;
@@ -195,7 +201,9 @@ impl Driver {
                 }
                 Next::Continue
             }
-            Ok(None) => Next::Lost("the lease could not be renewed: it expired or was reaped".into()),
+            Ok(None) => {
+                Next::Lost("the lease could not be renewed: it expired or was reaped".into())
+            }
             Err(e) => self.db_error("renew", e),
         }
     }
@@ -318,9 +326,12 @@ impl Driver {
         if changed {
             let v = self.view.borrow();
             tracing::debug!(group = %v.group, member = %self.cfg.member_id, generation = v.generation, slot_count = v.slot_count, members = v.members.len(), "view changed");
-            metrics::gauge!("shardlease_generation", "group" => v.group.clone()).set(v.generation as f64);
-            metrics::gauge!("shardlease_members", "group" => v.group.clone()).set(v.members.len() as f64);
-            metrics::counter!("shardlease_view_changes_total", "group" => v.group.clone()).increment(1);
+            metrics::gauge!("shardlease_generation", "group" => v.group.clone())
+                .set(v.generation as f64);
+            metrics::gauge!("shardlease_members", "group" => v.group.clone())
+                .set(v.members.len() as f64);
+            metrics::counter!("shardlease_view_changes_total", "group" => v.group.clone())
+                .increment(1);
         }
         Ok(())
     }

@@ -19,7 +19,13 @@ fn fast(group: &str, member: &str) -> MemberConfig {
 async fn wait_members(m: &Member, n: usize, what: &str) -> View {
     m.wait_for(WAIT, |v| v.members.len() == n && v.is_joined())
         .await
-        .unwrap_or_else(|| panic!("{}: timed out waiting for {n} members ({what}); view {:?}", m.member_id(), m.view()))
+        .unwrap_or_else(|| {
+            panic!(
+                "{}: timed out waiting for {n} members ({what}); view {:?}",
+                m.member_id(),
+                m.view()
+            )
+        })
 }
 
 /// Not a test: the body of the child process of the crash and hang tests.
@@ -36,7 +42,9 @@ async fn concurrent_migrate_is_safe_and_idempotent() {
     for _ in 0..10 {
         let pg = db.pg.clone();
         tasks.push(tokio::spawn(async move {
-            let mut c = shardlease::connect_client(&pg, "migrate-race").await.unwrap();
+            let mut c = shardlease::connect_client(&pg, "migrate-race")
+                .await
+                .unwrap();
             shardlease::migrate(&mut c).await
         }));
     }
@@ -47,7 +55,10 @@ async fn concurrent_migrate_is_safe_and_idempotent() {
         applied += report.applied.len();
     }
     let expected = shardlease::migrate::required_version() as usize;
-    assert_eq!(applied, expected, "each migration applied exactly once across 10 racers");
+    assert_eq!(
+        applied, expected,
+        "each migration applied exactly once across 10 racers"
+    );
     let c = db.client().await;
     let rows: i64 = c
         .query_one("SELECT count(*) FROM shardlease.schema_history", &[])
@@ -80,7 +91,10 @@ async fn every_table_view_and_column_has_a_comment() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(missing.is_empty(), "objects without COMMENT ON: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "objects without COMMENT ON: {missing:?}"
+    );
 }
 
 #[tokio::test]
@@ -88,7 +102,10 @@ async fn not_migrated_database_gets_a_clear_error() {
     let db = TestDb::empty().await;
     let err = Member::join(&db.pg, fast("g", "a")).await.unwrap_err();
     assert!(matches!(err, Error::NotMigrated { .. }), "{err:?}");
-    assert!(err.to_string().contains("shardlease-worker migrate"), "{err}");
+    assert!(
+        err.to_string().contains("shardlease-worker migrate"),
+        "{err}"
+    );
     let c = db.client().await;
     let err = shardlease::check_migrated(&c).await.unwrap_err();
     assert!(matches!(err, Error::NotMigrated { .. }), "{err:?}");
@@ -98,8 +115,12 @@ async fn not_migrated_database_gets_a_clear_error() {
 async fn bad_input_gets_clear_errors() {
     let err = shardlease::parse_database_url("not a url at all").unwrap_err();
     assert!(matches!(err, Error::Url(_)), "{err:?}");
-    let err = shardlease::parse_database_url("postgres://u:hunter2@h/db?sslmode=verify-full").unwrap_err();
-    assert!(!err.to_string().contains("hunter2"), "the password must never be printed: {err}");
+    let err = shardlease::parse_database_url("postgres://u:hunter2@h/db?sslmode=verify-full")
+        .unwrap_err();
+    assert!(
+        !err.to_string().contains("hunter2"),
+        "the password must never be printed: {err}"
+    );
     // Nothing listens on port 1.
     let pg = shardlease::parse_database_url("postgres://u:hunter2@127.0.0.1:1/db").unwrap();
     let err = Member::join(&pg, fast("g", "a")).await.unwrap_err();
@@ -206,10 +227,16 @@ async fn kill_9_of_a_member_process_is_reaped_fast() {
     let (va, vb) = (va.expect("a sees the crash"), vb.expect("b sees the crash"));
     println!("kill -9 -> new view at every survivor: {latency:?}");
     // The lease TTL is 1.5 s: a take-over well under it proves the lock path, not expiry.
-    assert!(latency < Duration::from_millis(1000), "crash detected in {latency:?}");
+    assert!(
+        latency < Duration::from_millis(1000),
+        "crash detected in {latency:?}"
+    );
     assert_eq!(va.generation, before + 1, "one reap, one generation");
     assert_eq!((va.generation, &va.members), (vb.generation, &vb.members));
-    assert_eq!(va.slot_count, 2, "the crashed member held the top slot: S shrinks by one");
+    assert_eq!(
+        va.slot_count, 2,
+        "the crashed member held the top slot: S shrinks by one"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,7 +248,10 @@ async fn hung_member_expires_by_the_database_clock_and_its_backend_ends() {
     wait_members(&a, 2, "child joined").await;
     let admin = db.client().await;
     let child_backend: i32 = admin
-        .query_one("SELECT backend_pid FROM shardlease.leases WHERE member_id = 'sleeper'", &[])
+        .query_one(
+            "SELECT backend_pid FROM shardlease.leases WHERE member_id = 'sleeper'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -234,12 +264,18 @@ async fn hung_member_expires_by_the_database_clock_and_its_backend_ends() {
         .expect("the hung member is reaped");
     let took = stopped.elapsed();
     println!("SIGSTOP -> reaped after {took:?} (TTL 1.5 s)");
-    assert!(took >= Duration::from_millis(1000), "reaped before its lease could expire: {took:?}");
+    assert!(
+        took >= Duration::from_millis(1000),
+        "reaped before its lease could expire: {took:?}"
+    );
     assert!(v.is_joined());
     // Its session backend was proven its own (it held the lease's lock) and terminated.
     eventually(WAIT, "the zombie's backend to end", || async {
         admin
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&child_backend])
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&child_backend],
+            )
             .await
             .unwrap()
             .get::<_, i64>(0)
@@ -279,7 +315,9 @@ async fn fenced_write_is_rejected_after_a_membership_change() {
 
     // Under the current view, the write commits.
     let tx = stale.fence().unwrap().begin(&mut work).await.unwrap();
-    tx.execute("UPDATE items SET writer = 'a' WHERE id = 1", &[]).await.unwrap();
+    tx.execute("UPDATE items SET writer = 'a' WHERE id = 1", &[])
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 
     // A membership change moves the generation on.
@@ -288,7 +326,11 @@ async fn fenced_write_is_rejected_after_a_membership_change() {
         panic!("a stale fence must be refused")
     };
     match err {
-        Error::Fenced { reason, expected, current } => {
+        Error::Fenced {
+            reason,
+            expected,
+            current,
+        } => {
             assert_eq!(reason, FenceReason::StaleGeneration);
             assert_eq!(expected, stale.generation);
             assert_eq!(current, Some(stale.generation + 1));
@@ -298,7 +340,9 @@ async fn fenced_write_is_rejected_after_a_membership_change() {
     // The fresh view writes again.
     let fresh = wait_members(&a, 2, "b joined").await;
     let tx = fresh.fence().unwrap().begin(&mut work).await.unwrap();
-    tx.execute("UPDATE items SET writer = 'a2' WHERE id = 2", &[]).await.unwrap();
+    tx.execute("UPDATE items SET writer = 'a2' WHERE id = 2", &[])
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     let writers: Vec<Option<String>> = admin
         .query("SELECT writer FROM items WHERE id <= 2 ORDER BY id", &[])
@@ -315,7 +359,12 @@ async fn fenced_write_is_rejected_after_a_membership_change() {
 async fn an_open_fenced_write_commits_before_the_next_generation() {
     let db = TestDb::migrated().await;
     let admin = db.client().await;
-    admin.batch_execute("CREATE TABLE log (generation bigint, at timestamptz default clock_timestamp())").await.unwrap();
+    admin
+        .batch_execute(
+            "CREATE TABLE log (generation bigint, at timestamptz default clock_timestamp())",
+        )
+        .await
+        .unwrap();
     let a = Member::join(&db.pg, fast("g", "a")).await.unwrap();
     let view = a.view();
     let mut work = db.client().await;
@@ -324,20 +373,32 @@ async fn an_open_fenced_write_commits_before_the_next_generation() {
     let pg = db.pg.clone();
     let joiner = tokio::spawn(async move { Member::join(&pg, fast("g", "b")).await });
     tokio::time::sleep(Duration::from_millis(100)).await; // give the joiner time to block
-    assert!(!joiner.is_finished(), "the join waits for the fenced transaction");
-    tx.execute("INSERT INTO log (generation) VALUES ($1)", &[&(view.generation as i64)])
-        .await
-        .unwrap();
+    assert!(
+        !joiner.is_finished(),
+        "the join waits for the fenced transaction"
+    );
+    tx.execute(
+        "INSERT INTO log (generation) VALUES ($1)",
+        &[&(view.generation as i64)],
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
     let b = joiner.await.unwrap().unwrap();
     let (write_at, change_at): (std::time::SystemTime, std::time::SystemTime) = {
         let r = admin
-            .query_one("SELECT (SELECT at FROM log), (SELECT changed_at FROM shardlease.groups)", &[])
+            .query_one(
+                "SELECT (SELECT at FROM log), (SELECT changed_at FROM shardlease.groups)",
+                &[],
+            )
             .await
             .unwrap();
         (r.get(0), r.get(1))
     };
-    assert!(write_at < change_at, "generation G's write committed before G+1");
+    assert!(
+        write_at < change_at,
+        "generation G's write committed before G+1"
+    );
     b.leave().await.unwrap();
 }
 
@@ -366,8 +427,16 @@ async fn reconnects_and_rejoins_after_its_session_backend_is_terminated() {
         .wait_for(WAIT, |v| v.is_joined() && v.members.len() == 2)
         .await
         .expect("b rejoins");
-    let (MemberState::Joined { incarnation: before, .. }, MemberState::Joined { incarnation: after, slot }) =
-        (old.state, back.state.clone())
+    let (
+        MemberState::Joined {
+            incarnation: before,
+            ..
+        },
+        MemberState::Joined {
+            incarnation: after,
+            slot,
+        },
+    ) = (old.state, back.state.clone())
     else {
         unreachable!()
     };
@@ -389,7 +458,12 @@ async fn the_view_converges_when_a_notify_never_arrives() {
         .await
         .unwrap();
     let hb = Duration::from_millis(300);
-    let cfg = |m: &str| MemberConfig::new("g", m).heartbeat(hb).lease_ttl(Duration::from_secs(3)).crash_check(hb);
+    let cfg = |m: &str| {
+        MemberConfig::new("g", m)
+            .heartbeat(hb)
+            .lease_ttl(Duration::from_secs(3))
+            .crash_check(hb)
+    };
     let a = Member::join(&db.pg, cfg("a")).await.unwrap();
     let b = Member::join(&db.pg, cfg("b")).await.unwrap();
     let start = Instant::now();
@@ -398,7 +472,10 @@ async fn the_view_converges_when_a_notify_never_arrives() {
         .expect("a learns of b without a NOTIFY");
     let took = start.elapsed();
     println!("converged without NOTIFY in {took:?} (heartbeat {hb:?})");
-    assert!(took <= hb * 3, "converged within about one heartbeat, took {took:?}");
+    assert!(
+        took <= hb * 3,
+        "converged within about one heartbeat, took {took:?}"
+    );
     b.leave().await.unwrap();
     a.wait_for(WAIT, |v| v.members.len() == 1)
         .await
@@ -423,7 +500,11 @@ async fn reaping_never_terminates_backends_it_cannot_prove() {
     let db = TestDb::migrated().await;
     let admin = db.client().await;
     let bystander = db.client().await;
-    let bystander_pid: i32 = bystander.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let bystander_pid: i32 = bystander
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     // A lease that expired and claims the bystander's pid, but whose lock it does not hold.
     admin
         .batch_execute(&format!(
@@ -442,8 +523,16 @@ async fn reaping_never_terminates_backends_it_cannot_prove() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     assert_eq!(reaped, [("ghost".to_owned(), "expired".to_owned())]);
-    let alive: i32 = bystander.query_one("SELECT 1", &[]).await.expect("bystander survives").get(0);
+    let alive: i32 = bystander
+        .query_one("SELECT 1", &[])
+        .await
+        .expect("bystander survives")
+        .get(0);
     assert_eq!(alive, 1);
-    let s: i32 = admin.query_one("SELECT slot_count FROM shardlease.groups", &[]).await.unwrap().get(0);
+    let s: i32 = admin
+        .query_one("SELECT slot_count FROM shardlease.groups", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(s, 0, "the top slot departed");
 }

@@ -24,14 +24,33 @@ async fn sql_key_hashes_match_the_committed_vectors() {
     for case in uuids {
         let id: uuid::Uuid = case["id"].as_str().unwrap().parse().unwrap();
         let row = c
-            .query_one("SELECT shardlease.uuid_key($1), shardlease.shard_of($1)", &[&id])
+            .query_one(
+                "SELECT shardlease.uuid_key($1), shardlease.shard_of($1)",
+                &[&id],
+            )
             .await
             .unwrap();
         let (key, shard): (i64, i32) = (row.get(0), row.get(1));
-        assert_eq!(key as u64, hex(&case["key_u64_hex"]), "uuid_key({id}) in SQL");
-        assert_eq!(key, case["key_i64"].as_i64().unwrap(), "uuid_key({id}) as bigint");
-        assert_eq!(shard as u64, case["shard"].as_u64().unwrap(), "shard_of({id}) in SQL");
-        assert_eq!(hash::uuid_key(&id), key as u64, "Rust and SQL agree on {id}");
+        assert_eq!(
+            key as u64,
+            hex(&case["key_u64_hex"]),
+            "uuid_key({id}) in SQL"
+        );
+        assert_eq!(
+            key,
+            case["key_i64"].as_i64().unwrap(),
+            "uuid_key({id}) as bigint"
+        );
+        assert_eq!(
+            shard as u64,
+            case["shard"].as_u64().unwrap(),
+            "shard_of({id}) in SQL"
+        );
+        assert_eq!(
+            hash::uuid_key(&id),
+            key as u64,
+            "Rust and SQL agree on {id}"
+        );
     }
     for case in v["str_keys"].as_array().unwrap() {
         let s = case["s"].as_str().unwrap();
@@ -40,7 +59,11 @@ async fn sql_key_hashes_match_the_committed_vectors() {
             .await
             .unwrap()
             .get(0);
-        assert_eq!(key as u64, hex(&case["key_u64_hex"]), "str_key({s:?}) in SQL");
+        assert_eq!(
+            key as u64,
+            hex(&case["key_u64_hex"]),
+            "str_key({s:?}) in SQL"
+        );
         assert_eq!(hash::str_key(s), key as u64);
     }
 }

@@ -25,7 +25,10 @@ struct Running {
 
 /// Run the demo against `pg`, with an already migrated `client`.
 pub async fn run(pg: &Config, client: &Client, tick: Duration) -> Result<()> {
-    println!("Demo table {TABLE} (recreated), group {GROUP}, {ITEMS} items, tick {}.", humantime::format_duration(tick));
+    println!(
+        "Demo table {TABLE} (recreated), group {GROUP}, {ITEMS} items, tick {}.",
+        humantime::format_duration(tick)
+    );
     client
         .batch_execute(&format!(
             "DROP TABLE IF EXISTS {TABLE}; \
@@ -55,9 +58,16 @@ pub async fn run(pg: &Config, client: &Client, tick: Duration) -> Result<()> {
             print: None,
         };
         let task = tokio::spawn(worker::run(cfg, stop.clone(), Default::default()));
-        Running { name: name.to_owned(), stop, task }
+        Running {
+            name: name.to_owned(),
+            stop,
+            task,
+        }
     };
-    let mut workers: Vec<Running> = ["worker-1", "worker-2", "worker-3"].iter().map(|n| start(n)).collect();
+    let mut workers: Vec<Running> = ["worker-1", "worker-2", "worker-3"]
+        .iter()
+        .map(|n| start(n))
+        .collect();
     let mut before = settle(client, &workers, tick).await?;
     show("Step 1: three workers joined", &before, &before, &labels);
 
@@ -65,12 +75,22 @@ pub async fn run(pg: &Config, client: &Client, tick: Duration) -> Result<()> {
     leaving.stop.cancel();
     leaving.task.await??;
     let after = settle(client, &workers, tick).await?;
-    show(&format!("Step 2: {} left (SIGTERM-style leave)", leaving.name), &before, &after, &labels);
+    show(
+        &format!("Step 2: {} left (SIGTERM-style leave)", leaving.name),
+        &before,
+        &after,
+        &labels,
+    );
     before = after;
 
     workers.push(start("worker-4"));
     let after = settle(client, &workers, tick).await?;
-    show("Step 3: worker-4 joined (it refills the vacated slot)", &before, &after, &labels);
+    show(
+        "Step 3: worker-4 joined (it refills the vacated slot)",
+        &before,
+        &after,
+        &labels,
+    );
 
     for w in workers {
         w.stop.cancel();
@@ -82,7 +102,11 @@ pub async fn run(pg: &Config, client: &Client, tick: Duration) -> Result<()> {
 }
 
 /// Wait until every item was ticked by one of `workers` since this call, and return who has what.
-async fn settle(client: &Client, workers: &[Running], tick: Duration) -> Result<BTreeMap<String, Vec<Uuid>>> {
+async fn settle(
+    client: &Client,
+    workers: &[Running],
+    tick: Duration,
+) -> Result<BTreeMap<String, Vec<Uuid>>> {
     let names: Vec<&str> = workers.iter().map(|w| w.name.as_str()).collect();
     let since = Instant::now();
     let deadline = since + Duration::from_secs(30) + tick * 4;
@@ -96,7 +120,8 @@ async fn settle(client: &Client, workers: &[Running], tick: Duration) -> Result<
             .await?;
         let fresh = rows.iter().all(|r| {
             r.get::<_, Option<bool>>(2) == Some(true)
-                && r.get::<_, Option<&str>>(1).is_some_and(|w| names.contains(&w))
+                && r.get::<_, Option<&str>>(1)
+                    .is_some_and(|w| names.contains(&w))
         });
         if fresh {
             let mut by: BTreeMap<String, Vec<Uuid>> = BTreeMap::new();
@@ -106,7 +131,10 @@ async fn settle(client: &Client, workers: &[Running], tick: Duration) -> Result<
             return Ok(by);
         }
         if Instant::now() > deadline {
-            bail!("the demo workers did not take over every item within {:?}", deadline - since);
+            bail!(
+                "the demo workers did not take over every item within {:?}",
+                deadline - since
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -137,7 +165,11 @@ fn show(
                 _ => names.push(labels[id].clone()),
             }
         }
-        println!("  {worker:<9} watches {:>2}: {}", ids.len(), names.join(", "));
+        println!(
+            "  {worker:<9} watches {:>2}: {}",
+            ids.len(),
+            names.join(", ")
+        );
     }
     if before != after {
         println!("  moved: {moved} of {ITEMS} items");

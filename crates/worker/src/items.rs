@@ -75,14 +75,22 @@ impl Items {
     }
 
     /// Insert `count` new items in batches, reporting progress.
-    pub async fn seed(&self, client: &Client, count: u64, mut progress: impl FnMut(u64)) -> Result<()> {
+    pub async fn seed(
+        &self,
+        client: &Client,
+        count: u64,
+        mut progress: impl FnMut(u64),
+    ) -> Result<()> {
         const BATCH: u64 = 50_000;
         let mut done = 0;
         while done < count {
             let n = (count - done).min(BATCH) as i64;
             client
                 .execute(
-                    &format!("INSERT INTO {} (value) SELECT 0 FROM generate_series(1, $1::bigint)", self.table),
+                    &format!(
+                        "INSERT INTO {} (value) SELECT 0 FROM generate_series(1, $1::bigint)",
+                        self.table
+                    ),
                     &[&n],
                 )
                 .await?;

@@ -97,7 +97,11 @@ async fn dispatch(cli: Cli) -> Result<()> {
             if applied.is_empty() {
                 println!("{}: already up to date", shardlease::describe_target(&pg));
             } else {
-                println!("{}: applied {}", shardlease::describe_target(&pg), applied.join(", "));
+                println!(
+                    "{}: applied {}",
+                    shardlease::describe_target(&pg),
+                    applied.join(", ")
+                );
             }
             Ok(())
         }
@@ -118,7 +122,10 @@ async fn dispatch(cli: Cli) -> Result<()> {
         Command::Status(args) => {
             let (_, client) = db::connect(&url, "shardlease-worker status").await?;
             db::check_migrated(&client).await?;
-            print!("{}", status::render(&client, &args.group, &Items::work_items()).await?);
+            print!(
+                "{}",
+                status::render(&client, &args.group, &Items::work_items()).await?
+            );
             Ok(())
         }
         Command::Run(args) => run(&url, args).await,
@@ -134,13 +141,16 @@ async fn run(url: &str, args: cli::RunArgs) -> Result<()> {
     let pg = shardlease::parse_database_url(url)?;
     let member_id = match args.pod_name.filter(|s| !s.trim().is_empty()) {
         Some(id) => id,
-        None => hostname().context("POD_NAME is not set and the hostname is unknown: pass --pod-name")?,
+        None => hostname()
+            .context("POD_NAME is not set and the hostname is unknown: pass --pod-name")?,
     };
     let member = MemberConfig::new(args.group.group, member_id.clone())
         .heartbeat(args.timing.heartbeat)
         .lease_ttl(args.timing.lease_ttl)
         .crash_check(args.timing.crash_check)
-        .metadata(serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "pid": std::process::id()}));
+        .metadata(
+            serde_json::json!({"version": env!("CARGO_PKG_VERSION"), "pid": std::process::id()}),
+        );
     member.validate()?;
 
     // Fail fast on a database that is reachable but not migrated; keep retrying one that
@@ -169,7 +179,10 @@ async fn run(url: &str, args: cli::RunArgs) -> Result<()> {
 /// Cancel `shutdown` on SIGTERM or SIGINT.
 async fn signals(shutdown: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };

@@ -95,8 +95,14 @@ mod tests {
         next.remove(0);
         let line = p.line("[w]", &next);
         assert!(line.contains("changed: +1 -1"), "{line}");
-        assert!(line.contains("+00000000-0000-0000-0000-000000000065"), "{line}");
-        assert!(line.contains("-00000000-0000-0000-0000-000000000001"), "{line}");
+        assert!(
+            line.contains("+00000000-0000-0000-0000-000000000065"),
+            "{line}"
+        );
+        assert!(
+            line.contains("-00000000-0000-0000-0000-000000000001"),
+            "{line}"
+        );
         let mut all = Printer::new(true);
         assert_eq!(all.line("[w]", &ids(100)).split(' ').count(), 4 + 100);
     }

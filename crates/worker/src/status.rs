@@ -31,7 +31,10 @@ pub async fn render(client: &Client, group: &str, items: &Items) -> Result<Strin
             &[&group],
         )
         .await?;
-    let assignment = Assignment::new(slot_count, members.iter().map(|m| m.get::<_, i32>(1) as u32))?;
+    let assignment = Assignment::new(
+        slot_count,
+        members.iter().map(|m| m.get::<_, i32>(1) as u32),
+    )?;
     let mut shards: BTreeMap<u32, usize> = BTreeMap::new();
     let mut item_counts: BTreeMap<u32, i64> = BTreeMap::new();
     for shard in 0..SHARDS {
@@ -77,7 +80,9 @@ pub async fn render(client: &Client, group: &str, items: &Items) -> Result<Strin
         ));
     }
     if unowned > 0 {
-        out.push_str(&format!("{unowned} items have no owner: the group has no members\n"));
+        out.push_str(&format!(
+            "{unowned} items have no owner: the group has no members\n"
+        ));
     }
     Ok(out)
 }

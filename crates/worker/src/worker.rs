@@ -45,7 +45,11 @@ pub fn is_ready(r: &Readiness) -> bool {
 
 /// Run until `shutdown`, then leave the group. Transient failures (database unreachable,
 /// member id still held by a previous incarnation) are retried with backoff and reported.
-pub async fn run(mut cfg: WorkerConfig, shutdown: CancellationToken, ready: Readiness) -> Result<()> {
+pub async fn run(
+    mut cfg: WorkerConfig,
+    shutdown: CancellationToken,
+    ready: Readiness,
+) -> Result<()> {
     let member_id = cfg.member.member_id.clone();
     let Some(member) = until_shutdown(&shutdown, join(&cfg)).await else {
         return Ok(());
@@ -84,13 +88,18 @@ pub async fn run(mut cfg: WorkerConfig, shutdown: CancellationToken, ready: Read
     // Leave promptly so that the others take over at once; the lease would expire anyway.
     match tokio::time::timeout(Duration::from_millis(1500), member.leave()).await {
         Ok(Ok(())) => tracing::info!(member = %member_id, "left the group"),
-        Ok(Err(e)) => tracing::warn!(member = %member_id, error = %e, "leave failed; the lease will be reaped"),
+        Ok(Err(e)) => {
+            tracing::warn!(member = %member_id, error = %e, "leave failed; the lease will be reaped")
+        }
         Err(_) => tracing::warn!(member = %member_id, "leave timed out; the lease will be reaped"),
     }
     Ok(())
 }
 
-async fn until_shutdown<T>(shutdown: &CancellationToken, f: impl std::future::Future<Output = T>) -> Option<T> {
+async fn until_shutdown<T>(
+    shutdown: &CancellationToken,
+    f: impl std::future::Future<Output = T>,
+) -> Option<T> {
     tokio::select! {
         _ = shutdown.cancelled() => None,
         v = f => Some(v),
@@ -127,12 +136,18 @@ struct TickState {
 
 /// One tick: compute the owned shards from the current view and run the fenced update.
 /// A fenced refusal waits for the newer view and retries within the same tick.
-async fn tick(cfg: &WorkerConfig, member: &Member, work: &mut Option<Client>, state: &mut TickState) {
+async fn tick(
+    cfg: &WorkerConfig,
+    member: &Member,
+    work: &mut Option<Client>,
+    state: &mut TickState,
+) {
     let member_id = member.member_id();
     for _attempt in 0..3 {
         let view = member.view();
         let (Some(slot), Ok(fence)) = (view.my_slot(), view.fence()) else {
-            metrics::counter!("shardlease_worker_ticks_total", "outcome" => "not_joined").increment(1);
+            metrics::counter!("shardlease_worker_ticks_total", "outcome" => "not_joined")
+                .increment(1);
             return;
         };
         let shards: Vec<i32> = view
@@ -151,28 +166,43 @@ async fn tick(cfg: &WorkerConfig, member: &Member, work: &mut Option<Client>, st
         }
         let client = match work {
             Some(c) if !c.is_closed() => c,
-            _ => match shardlease::connect_client(&cfg.pg, &format!("shardlease-worker {member_id} work")).await {
+            _ => match shardlease::connect_client(
+                &cfg.pg,
+                &format!("shardlease-worker {member_id} work"),
+            )
+            .await
+            {
                 Ok(c) => {
                     metrics::counter!("shardlease_worker_reconnects_total").increment(1);
                     work.insert(c)
                 }
                 Err(e) => {
                     tracing::warn!(member = %member_id, error = %e, "work connection unavailable; skipping this tick");
-                    metrics::counter!("shardlease_worker_ticks_total", "outcome" => "error").increment(1);
+                    metrics::counter!("shardlease_worker_ticks_total", "outcome" => "error")
+                        .increment(1);
                     return;
                 }
             },
         };
         let started = Instant::now();
-        match cfg.items.tick(client, &fence, member_id, &shards, cfg.tick / 2).await {
+        match cfg
+            .items
+            .tick(client, &fence, member_id, &shards, cfg.tick / 2)
+            .await
+        {
             Ok(result) => {
-                metrics::histogram!("shardlease_worker_tick_duration_seconds").record(started.elapsed().as_secs_f64());
+                metrics::histogram!("shardlease_worker_tick_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
                 metrics::counter!("shardlease_worker_ticks_total", "outcome" => "ok").increment(1);
-                metrics::counter!("shardlease_worker_increments_total").increment(result.incremented as u64);
+                metrics::counter!("shardlease_worker_increments_total")
+                    .increment(result.incremented as u64);
                 metrics::gauge!("shardlease_worker_owned_items").set(result.watched.len() as f64);
                 if state.last_generation != Some(view.generation) {
-                    if let (Some(_), Some(at)) = (state.last_generation, state.view_changed_at.take()) {
-                        metrics::histogram!("shardlease_worker_takeover_seconds").record(at.elapsed().as_secs_f64());
+                    if let (Some(_), Some(at)) =
+                        (state.last_generation, state.view_changed_at.take())
+                    {
+                        metrics::histogram!("shardlease_worker_takeover_seconds")
+                            .record(at.elapsed().as_secs_f64());
                     }
                     state.last_generation = Some(view.generation);
                 }
@@ -180,14 +210,18 @@ async fn tick(cfg: &WorkerConfig, member: &Member, work: &mut Option<Client>, st
                 return;
             }
             Err(e) if e.is_fenced() => {
-                metrics::counter!("shardlease_worker_ticks_total", "outcome" => "fenced").increment(1);
+                metrics::counter!("shardlease_worker_ticks_total", "outcome" => "fenced")
+                    .increment(1);
                 tracing::info!(member = %member_id, error = %e, "tick fenced; refreshing the view");
                 member
-                    .wait_for(Duration::from_millis(500), |v| v.generation != view.generation)
+                    .wait_for(Duration::from_millis(500), |v| {
+                        v.generation != view.generation
+                    })
                     .await;
             }
             Err(e) => {
-                metrics::counter!("shardlease_worker_ticks_total", "outcome" => "error").increment(1);
+                metrics::counter!("shardlease_worker_ticks_total", "outcome" => "error")
+                    .increment(1);
                 tracing::warn!(member = %member_id, error = %e, "tick failed");
                 if work.as_ref().is_some_and(Client::is_closed) {
                     *work = None;
@@ -208,6 +242,9 @@ fn describe(view: &View, member_id: &str, state: &TickState, printer: &mut Print
             ),
             &state.last.watched,
         ),
-        None => format!("[{member_id}] not joined ({:?}); watching nothing", view.state),
+        None => format!(
+            "[{member_id}] not joined ({:?}); watching nothing",
+            view.state
+        ),
     }
 }

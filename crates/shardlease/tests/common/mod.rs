@@ -132,10 +132,22 @@ pub struct ChildMember {
 
 impl ChildMember {
     /// Re-run this test binary as `child_member` with the given settings.
-    pub fn spawn(db: &TestDb, group: &str, member: &str, heartbeat_ms: u64, ttl_ms: u64) -> ChildMember {
+    pub fn spawn(
+        db: &TestDb,
+        group: &str,
+        member: &str,
+        heartbeat_ms: u64,
+        ttl_ms: u64,
+    ) -> ChildMember {
         let exe = std::env::current_exe().expect("test binary path");
         let mut child = Command::new(exe)
-            .args(["--ignored", "--exact", "child_member", "--nocapture", "--test-threads=1"])
+            .args([
+                "--ignored",
+                "--exact",
+                "child_member",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("SL_CHILD_URL", &db.url)
             .env("SL_CHILD_GROUP", group)
             .env("SL_CHILD_MEMBER", member)
@@ -166,7 +178,9 @@ impl ChildMember {
             match self.lines.recv_timeout(left) {
                 Ok(line) if line.contains(prefix) => return line,
                 Ok(_) => continue,
-                Err(_) => panic!("child member printed no line containing {prefix:?} within {timeout:?}"),
+                Err(_) => {
+                    panic!("child member printed no line containing {prefix:?} within {timeout:?}")
+                }
             }
         }
     }
@@ -206,13 +220,19 @@ pub async fn run_child_member() {
     .heartbeat(env_ms("SL_CHILD_HEARTBEAT_MS"))
     .lease_ttl(env_ms("SL_CHILD_TTL_MS"))
     .crash_check(env_ms("SL_CHILD_HEARTBEAT_MS").min(Duration::from_millis(100)));
-    let member = shardlease::Member::join(&pg, cfg).await.expect("child join");
+    let member = shardlease::Member::join(&pg, cfg)
+        .await
+        .expect("child join");
     let mut views = member.watch();
     let view = views.borrow_and_update().clone();
     println!("READY {:?} {:?}", view.my_slot(), view.state);
     let stdin_closed = tokio::task::spawn_blocking(|| {
         let mut s = String::new();
-        while std::io::stdin().read_line(&mut s).map(|n| n > 0).unwrap_or(false) {}
+        while std::io::stdin()
+            .read_line(&mut s)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {}
     });
     tokio::pin!(stdin_closed);
     loop {
