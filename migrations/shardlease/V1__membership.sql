@@ -262,6 +262,9 @@ BEGIN
   SELECT min(s) INTO v_slot FROM generate_series(0, g.slot_count - 1) AS s
    WHERE NOT EXISTS (SELECT 1 FROM shardlease.leases l WHERE l.group_name = p_group AND l.slot = s);
   v_slot := coalesce(v_slot, g.slot_count);
+  IF v_slot >= 65536 THEN
+    RAISE EXCEPTION 'shardlease: group "%" is full: 65536 slots', p_group USING ERRCODE = 'SLF01';
+  END IF;
   v_slot_count := greatest(g.slot_count, v_slot + 1);
 
   IF NOT pg_try_advisory_lock(g.lock_key, v_slot) THEN

@@ -1,15 +1,6 @@
 //! `shardlease-worker`: claims a jump-hash slice of `public.work_items` and ticks it every
 //! second. See `--help`, and the repository README.
 
-mod cli;
-mod db;
-mod demo;
-mod http;
-mod items;
-mod printer;
-mod status;
-mod worker;
-
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -17,8 +8,9 @@ use clap::Parser;
 use shardlease::MemberConfig;
 use tokio_util::sync::CancellationToken;
 
-use cli::{Cli, Command, LogFormat};
-use items::Items;
+use shardlease_worker::cli::{self, Cli, Command, LogFormat};
+use shardlease_worker::items::Items;
+use shardlease_worker::{db, demo, http, printer, status, worker};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

@@ -1,0 +1,235 @@
+//! Tick throughput, ours against the floor, on the same rows of the same machine in one run:
+//!
+//! - `raw_update`: a plain batched `UPDATE ... WHERE shard = ANY($1) RETURNING id` (the floor);
+//! - `fenced_tick`: the worker's tick (fence check + the same batched update, with the cadence
+//!   guard), through `Items::tick`.
+//!
+//! Each for one worker's quarter of 100k items, and for 4 workers at once (4 connections, the
+//! whole table). Criterion reports elements (item increments) per second.
+//!
+//! `cargo bench -p shardlease-worker --bench tick` (DATABASE_URL as for the tests; a fresh
+//! database is created and dropped).
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use futures_util::future::join_all;
+use shardlease::hash::SHARDS;
+use shardlease::tokio_postgres::Client;
+use shardlease::{Member, MemberConfig};
+use shardlease_worker::items::Items;
+
+const ITEMS: u64 = 100_000;
+const WORKERS: usize = 4;
+
+struct Setup {
+    db: String,
+    members: Vec<Member>,
+    clients: Vec<Client>,
+    shards: Vec<Vec<i32>>,
+    rows: Vec<u64>,
+}
+
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+fn url_of(db: &str) -> String {
+    let base = admin_url();
+    let (head, _) = base.split_once('?').unwrap_or((&base, ""));
+    let cut = head
+        .rfind('/')
+        .filter(|&i| i > "postgres://".len())
+        .unwrap_or(head.len());
+    format!("{}/{db}", &head[..cut])
+}
+
+async fn setup() -> Setup {
+    let db = format!("shardlease_bench_{}", std::process::id());
+    let (_, admin) = shardlease_worker::db::connect(&admin_url(), "bench-admin")
+        .await
+        .expect("PostgreSQL must be running (DATABASE_URL)");
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {db}"),
+        format!("CREATE DATABASE {db}"),
+    ] {
+        admin.batch_execute(&sql).await.unwrap();
+    }
+    let (pg, mut client) = shardlease_worker::db::connect(&url_of(&db), "bench")
+        .await
+        .unwrap();
+    shardlease_worker::db::migrate(&mut client).await.unwrap();
+    Items::work_items()
+        .seed(&client, ITEMS, |_| {})
+        .await
+        .unwrap();
+    client
+        .batch_execute("VACUUM ANALYZE public.work_items")
+        .await
+        .unwrap();
+    let mut members = Vec::new();
+    for i in 0..WORKERS {
+        members.push(
+            Member::join(&pg, MemberConfig::new("bench", format!("w{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    let view = members[0]
+        .wait_for(Duration::from_secs(10), |v| v.members.len() == WORKERS)
+        .await
+        .expect("4 members");
+    let assignment = view.assignment();
+    let mut shards = Vec::new();
+    let mut rows = Vec::new();
+    for m in &members {
+        let slot = m.view().my_slot().unwrap();
+        let mine: Vec<i32> = assignment
+            .shards_of(slot, SHARDS)
+            .into_iter()
+            .map(|s| s as i32)
+            .collect();
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM public.work_items WHERE shard = ANY($1)",
+                &[&mine],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        shards.push(mine);
+        rows.push(n as u64);
+    }
+    let mut clients = Vec::new();
+    for i in 0..WORKERS {
+        clients.push(
+            shardlease::connect_client(&pg, &format!("bench-work-{i}"))
+                .await
+                .unwrap(),
+        );
+    }
+    eprintln!("bench database {db}: {ITEMS} items, {WORKERS} members, rows per member {rows:?}");
+    Setup {
+        db,
+        members,
+        clients,
+        shards,
+        rows,
+    }
+}
+
+const RAW: &str =
+    "UPDATE public.work_items SET value = value + 1, currentworker = $1, updated_at = now() \
+                   WHERE shard = ANY($2) RETURNING id";
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let setup = rt.block_on(setup());
+    let setup = tokio::sync::Mutex::new(setup);
+    let items = Items::work_items();
+
+    let mut one = c.benchmark_group("one worker, 25k of 100k items");
+    one.sample_size(20).measurement_time(Duration::from_secs(8));
+    let rows0 = setup.blocking_lock().rows[0];
+    one.throughput(Throughput::Elements(rows0));
+    one.bench_function("raw_update", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut s = setup.lock().await;
+            let Setup {
+                clients, shards, ..
+            } = &mut *s;
+            let rows = clients[0].query(RAW, &[&"raw", &shards[0]]).await.unwrap();
+            assert_eq!(rows.len() as u64, rows0);
+        })
+    });
+    one.bench_function("fenced_tick", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut s = setup.lock().await;
+            let Setup {
+                members,
+                clients,
+                shards,
+                ..
+            } = &mut *s;
+            let fence = members[0].view().fence().unwrap();
+            let r = items
+                .tick(&mut clients[0], &fence, "w0", &shards[0], Duration::ZERO)
+                .await
+                .unwrap();
+            assert_eq!(r.incremented as u64, rows0);
+        })
+    });
+    one.finish();
+
+    let mut all = c.benchmark_group("4 workers at once, 100k items");
+    all.sample_size(10)
+        .measurement_time(Duration::from_secs(10));
+    all.throughput(Throughput::Elements(ITEMS));
+    all.bench_function("raw_update", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut s = setup.lock().await;
+            let Setup {
+                clients, shards, ..
+            } = &mut *s;
+            let updates = clients
+                .iter_mut()
+                .zip(shards.iter())
+                .map(|(client, mine)| async move {
+                    client.query(RAW, &[&"raw", mine]).await.unwrap().len()
+                });
+            let n: usize = join_all(updates).await.into_iter().sum();
+            assert_eq!(n as u64, ITEMS);
+        })
+    });
+    all.bench_function("fenced_tick", |b| {
+        b.to_async(&rt).iter(|| async {
+            let mut s = setup.lock().await;
+            let Setup {
+                members,
+                clients,
+                shards,
+                ..
+            } = &mut *s;
+            let ticks = clients
+                .iter_mut()
+                .zip(shards.iter())
+                .zip(members.iter())
+                .map(|((client, mine), member)| {
+                    let items = &items;
+                    async move {
+                        let fence = member.view().fence().unwrap();
+                        let id = member.member_id().to_owned();
+                        items
+                            .tick(client, &fence, &id, mine, Duration::ZERO)
+                            .await
+                            .unwrap()
+                            .incremented
+                    }
+                });
+            let n: usize = join_all(ticks).await.into_iter().sum();
+            assert_eq!(n as u64, ITEMS);
+        })
+    });
+    all.finish();
+
+    let s = setup.into_inner();
+    rt.block_on(async move {
+        for m in s.members {
+            let _ = m.leave().await;
+        }
+        drop(s.clients);
+        if let Ok((_, admin)) = shardlease_worker::db::connect(&admin_url(), "bench-admin").await {
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", s.db))
+                .await;
+        }
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
