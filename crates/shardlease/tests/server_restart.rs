@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use shardlease::{Member, MemberConfig, MemberState};
+use shardlease::{Member, MemberConfig};
 
 struct PrivateServer {
     bin: PathBuf,
@@ -159,17 +159,7 @@ async fn members_rejoin_after_a_server_restart() {
 
     server.ctl("restart");
     let restarted = Instant::now();
-    assert!(
-        a.wait_for(Duration::from_secs(10), |v| matches!(
-            v.state,
-            MemberState::Lost { .. }
-        ))
-        .await
-        .is_some()
-            || !a.view().is_joined()
-            || a.view().generation != before.generation,
-        "a notices the restart"
-    );
+    // New incarnations for both prove that each lost its session and rejoined.
     for m in [&a, &b] {
         let v = m
             .wait_for(Duration::from_secs(20), |v| {
