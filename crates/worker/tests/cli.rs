@@ -1,0 +1,344 @@
+//! The command-line contract of `shardlease-worker`: exit codes, one-line errors, no
+//! password in any output, the migration hint, retries against an unreachable database,
+//! the HTTP endpoints, `status` and `demo`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A database URL that refuses connections, with a password that must never be printed.
+const UNREACHABLE: &str = "postgres://u:secret@127.0.0.1:1/x";
+
+fn one_line(out: &CliOutput) -> String {
+    let lines: Vec<&str> = out.stderr.trim_end().lines().collect();
+    assert_eq!(lines.len(), 1, "expected a one-line error on stderr: {out}");
+    lines[0].to_owned()
+}
+
+#[tokio::test]
+async fn a_zero_lease_ttl_is_refused_with_exit_2_and_one_line() {
+    let out = cli(&base_url(), &["run", "--lease-ttl", "0s"]).await;
+    assert_eq!(out.code(), Some(2), "--lease-ttl 0s: {out}");
+    let line = one_line(&out);
+    assert!(
+        line.contains("--lease-ttl"),
+        "the error must name the flag: {line}"
+    );
+    assert!(out.stdout.is_empty(), "nothing on stdout: {out}");
+}
+
+#[tokio::test]
+async fn a_ttl_not_above_twice_the_heartbeat_is_refused() {
+    for (hb, ttl) in [("1s", "2s"), ("500ms", "1s"), ("1s", "1500ms")] {
+        let out = cli(&base_url(), &["run", "--heartbeat", hb, "--lease-ttl", ttl]).await;
+        assert_eq!(
+            out.code(),
+            Some(2),
+            "--heartbeat {hb} --lease-ttl {ttl}: {out}"
+        );
+        let line = one_line(&out);
+        assert!(
+            line.contains("--lease-ttl") && line.contains("--heartbeat"),
+            "the error must name both flags: {line}"
+        );
+    }
+    // Just above twice passes the validation: on an unmigrated database, `run` then fails
+    // on the migration check (exit 1), not on its flags (exit 2).
+    let db = TestDb::empty().await;
+    let out = db
+        .cli(&[
+            "run",
+            "--heartbeat",
+            "1s",
+            "--lease-ttl",
+            "2001ms",
+            "--pod-name",
+            "w1",
+        ])
+        .await;
+    assert_eq!(
+        out.code(),
+        Some(1),
+        "--heartbeat 1s --lease-ttl 2001ms is valid: {out}"
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_flag_exits_2_with_one_line() {
+    for args in [
+        &["run", "--bogus"][..],
+        &["migrate", "--bogus"],
+        &["frobnicate"],
+    ] {
+        let out = cli(&base_url(), args).await;
+        assert_eq!(out.code(), Some(2), "{args:?}: {out}");
+        let line = one_line(&out);
+        assert!(
+            line.contains("--bogus") || line.contains("frobnicate"),
+            "{args:?}: the error must name the offending argument: {line}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_database_fails_clearly_without_the_password() {
+    for args in [&["migrate"][..], &["seed", "--count", "1"], &["status"]] {
+        let started = Instant::now();
+        let out = cli(UNREACHABLE, args).await;
+        assert!(
+            !out.success(),
+            "{args:?} against an unreachable database must fail: {out}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{args:?}: took {:?} to give up",
+            started.elapsed()
+        );
+        let text = format!("{}{}", out.stdout, out.stderr);
+        assert!(
+            !text.contains("secret"),
+            "{args:?}: the password leaked: {out}"
+        );
+        let line = one_line(&out);
+        assert!(
+            line.contains("cannot connect") && line.contains("127.0.0.1:1"),
+            "{args:?}: the error must say that it cannot connect, and where: {line}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn status_seed_and_run_on_an_unmigrated_database_say_to_migrate() {
+    let db = TestDb::empty().await;
+    for args in [
+        &["status"][..],
+        &["seed", "--count", "1"],
+        &["run", "--pod-name", "w1", "--http-addr", "127.0.0.1:0"],
+    ] {
+        let out = db.cli(args).await;
+        assert!(
+            !out.success(),
+            "{args:?} on an unmigrated database must fail: {out}"
+        );
+        assert!(
+            out.stderr.contains("shardlease-worker migrate"),
+            "{args:?}: the error must say to run `shardlease-worker migrate`: {out}"
+        );
+    }
+    // Nothing was created by the failed commands.
+    let c = db.client().await;
+    let tables: i64 = c
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema IN ('public', 'shardlease')",
+            &[],
+        )
+        .await
+        .expect("count tables")
+        .get(0);
+    assert_eq!(
+        tables, 0,
+        "status/seed/run must not create tables on an unmigrated database"
+    );
+}
+
+#[tokio::test]
+async fn migrate_twice_succeeds_both_times() {
+    let db = TestDb::empty().await;
+    let first = db.cli(&["migrate"]).await;
+    assert!(first.success(), "first migrate: {first}");
+    assert!(
+        first.stdout.contains("applied"),
+        "first migrate says what it applied: {first}"
+    );
+    let second = db.cli(&["migrate"]).await;
+    assert!(second.success(), "second migrate: {second}");
+    assert!(
+        second.stdout.contains("already up to date"),
+        "second migrate says there was nothing to do: {second}"
+    );
+    let seeded = db.cli(&["seed", "--count", "5"]).await;
+    assert!(seeded.success(), "seed after migrate: {seeded}");
+    let third = db.cli(&["migrate"]).await;
+    assert!(third.success(), "migrate with rows present: {third}");
+    let n: i64 = db
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM public.work_items", &[])
+        .await
+        .expect("count items")
+        .get(0);
+    assert_eq!(n, 5, "migrate keeps the rows");
+}
+
+#[tokio::test]
+async fn run_against_an_unreachable_database_retries_and_exits_0_on_sigterm() {
+    let mut w = Worker::spawn(UNREACHABLE, "w1", RUN_ARGS);
+    let line = w.wait_stderr("retrying", Duration::from_secs(15)).await;
+    assert!(
+        line.contains("127.0.0.1:1"),
+        "the retry message names the target: {line}"
+    );
+    // Keeps trying: a second retry message.
+    let w_ref = &w;
+    poll_until(
+        Duration::from_secs(15),
+        "a second retry message",
+        || async move {
+            (w_ref
+                .stderr()
+                .iter()
+                .filter(|l| l.contains("retrying"))
+                .count()
+                >= 2)
+                .then_some(())
+        },
+    )
+    .await;
+    let addr = w.http_addr().await;
+    assert_eq!(
+        http_get(addr, "/healthz").await.0,
+        200,
+        "/healthz while retrying"
+    );
+    assert_eq!(
+        http_get(addr, "/readyz").await.0,
+        503,
+        "/readyz must be 503 while not joined"
+    );
+
+    let sent = Instant::now();
+    w.signal("TERM");
+    let status = w.wait_exit(Duration::from_secs(2)).await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM while retrying: exit 0, got {status}"
+    );
+    eprintln!(
+        "run (unreachable database): exited 0 {:?} after SIGTERM",
+        sent.elapsed()
+    );
+    let all = format!("{}\n{}", w.stdout().join("\n"), w.stderr().join("\n"));
+    assert!(!all.contains("secret"), "the password leaked:\n{all}");
+}
+
+#[tokio::test]
+async fn http_endpoints_health_readiness_and_metrics() {
+    let db = TestDb::with_items(30).await;
+    let c = db.client().await;
+    let w = db.worker("w1", &[]);
+    let addr = w.http_addr().await;
+    let (code, _) = http_get(addr, "/healthz").await;
+    assert_eq!(code, 200, "/healthz");
+    poll_until(
+        Duration::from_secs(20),
+        "/readyz to answer 200 once joined",
+        || async move { (http_get(addr, "/readyz").await.0 == 200).then_some(()) },
+    )
+    .await;
+    assert!(
+        lease_of(&c, "w1").await.is_some_and(|l| l.alive),
+        "/readyz said ready: w1 must be an alive member"
+    );
+    let body = poll_until(
+        Duration::from_secs(10),
+        "/metrics to show ticks and members",
+        || async move {
+            let (code, body) = http_get(addr, "/metrics").await;
+            (code == 200
+                && body.contains("shardlease_worker_ticks_total")
+                && body.contains("shardlease_members"))
+            .then_some(body)
+        },
+    )
+    .await;
+    assert!(
+        body.lines().any(|l| l.starts_with("shardlease_worker_ticks_total") && l.contains("outcome=\"ok\"")),
+        "/metrics counts successful ticks:\n{body}"
+    );
+    let (code, _) = http_get(addr, "/nope").await;
+    assert_eq!(code, 404, "unknown path");
+}
+
+#[tokio::test]
+async fn status_prints_the_generation_and_every_member() {
+    let db = TestDb::with_items(300).await;
+    let c = db.client().await;
+    let before = db.cli(&["status"]).await;
+    assert!(before.success(), "status before any member: {before}");
+    assert!(
+        before.stdout.contains("no such group yet"),
+        "status before any member: {before}"
+    );
+
+    let _ws = [db.worker("w1", &[]), db.worker("w2", &[])];
+    let generation = wait_settled(&c, &["w1", "w2"], Duration::from_secs(30)).await;
+    let out = db.cli(&["status"]).await;
+    assert!(out.success(), "status: {out}");
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(
+        lines[0].contains(&format!("generation {generation}"))
+            && lines[0].contains("2 members (2 alive)"),
+        "status: the first line gives the generation and the members: {out}"
+    );
+    let header = lines[1];
+    let mut last = 0;
+    for col in ["MEMBER", "SLOT", "ALIVE", "EXPIRES IN", "SHARDS", "ITEMS"] {
+        let at = header
+            .find(col)
+            .unwrap_or_else(|| panic!("status: no {col} column in {header:?}"));
+        assert!(at >= last, "status: columns out of order in {header:?}");
+        last = at;
+    }
+    let (mut shards, mut items) = (0, 0);
+    for name in ["w1", "w2"] {
+        let row = lines
+            .iter()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("status: no line for {name}: {out}"));
+        let f: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(f.len(), 6, "status: {name}: six columns in {row:?}");
+        assert!(
+            f[1].parse::<u32>().is_ok(),
+            "status: {name}: SLOT in {row:?}"
+        );
+        assert_eq!(f[2], "yes", "status: {name} is alive: {row:?}");
+        let expires: f64 = f[3]
+            .strip_suffix('s')
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("status: {name}: EXPIRES IN in {row:?}"));
+        assert!(
+            expires > 0.0 && expires <= TTL,
+            "status: {name}: expires in {expires} s, TTL {TTL} s"
+        );
+        shards += f[4].parse::<u32>().expect("SHARDS");
+        items += f[5].parse::<u32>().expect("ITEMS");
+    }
+    assert_eq!(
+        shards, 1024,
+        "status: the members' shards add up to every shard: {out}"
+    );
+    assert_eq!(
+        items, 300,
+        "status: the members' items add up to every item: {out}"
+    );
+}
+
+#[tokio::test]
+async fn demo_shows_three_steps() {
+    let db = TestDb::empty().await;
+    let out = db.cli(&["demo", "--tick", "300ms"]).await;
+    assert!(out.success(), "demo: {out}");
+    for step in ["Step 1", "Step 2", "Step 3"] {
+        assert!(
+            out.stdout.contains(step),
+            "demo: no {step:?} in its output: {out}"
+        );
+    }
+    assert!(
+        out.stdout.contains("worker-4"),
+        "demo: step 3 shows the joiner: {out}"
+    );
+}
