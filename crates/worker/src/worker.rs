@@ -63,16 +63,30 @@ pub async fn run(
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut printer_clock = interval(Duration::from_secs(1));
     printer_clock.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    // Shards gained by a view change get a catch-up tick at once, and one more half a tick
+    // later for the items their previous owner ticked too recently: so that an item never
+    // waits for this worker's next regular tick (at most 1.5 ticks across a hand-off).
+    let mut follow_up: Option<(tokio::time::Instant, Vec<i32>)> = None;
     loop {
+        let follow_up_at = follow_up.as_ref().map(|(at, _)| *at);
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             changed = views.changed() => {
                 if changed.is_err() { break }
                 state.view_changed_at = Some(Instant::now());
+                let gained = state.adopt(&member.view(), member.member_id());
+                if !gained.is_empty() {
+                    tick(&cfg, &member, &mut work, &mut state, Some(&gained)).await;
+                    follow_up = Some((tokio::time::Instant::now() + cfg.tick / 2, gained));
+                }
+            }
+            _ = async { tokio::time::sleep_until(follow_up_at.expect("guarded")).await }, if follow_up_at.is_some() => {
+                let (_, gained) = follow_up.take().expect("guarded");
+                tick(&cfg, &member, &mut work, &mut state, Some(&gained)).await;
             }
             _ = ticker.tick() => {
-                tick(&cfg, &member, &mut work, &mut state).await;
+                tick(&cfg, &member, &mut work, &mut state, None).await;
             }
             _ = printer_clock.tick() => {
                 if let Some(p) = cfg.print.as_mut() {
@@ -134,35 +148,74 @@ struct TickState {
     view_changed_at: Option<Instant>,
 }
 
-/// One tick: compute the owned shards from the current view and run the fenced update.
-/// A fenced refusal waits for the newer view and retries within the same tick.
+/// The shards `view` gives this member, when joined.
+fn owned_shards(view: &View) -> Option<Vec<i32>> {
+    let slot = view.my_slot()?;
+    Some(
+        view.assignment()
+            .shards_of(slot, SHARDS)
+            .into_iter()
+            .map(|s| s as i32)
+            .collect(),
+    )
+}
+
+impl TickState {
+    /// Take the owned shards of `view` as current; returns the shards gained.
+    fn adopt(&mut self, view: &View, member_id: &str) -> Vec<i32> {
+        let Some(shards) = owned_shards(view) else {
+            return Vec::new();
+        };
+        if shards == self.shards {
+            return Vec::new();
+        }
+        let gained: Vec<i32> = shards
+            .iter()
+            .filter(|s| self.shards.binary_search(s).is_err())
+            .copied()
+            .collect();
+        let lost = self
+            .shards
+            .iter()
+            .filter(|s| shards.binary_search(s).is_err())
+            .count();
+        tracing::info!(member = %member_id, generation = view.generation, slot = ?view.my_slot(), shards = shards.len(), gained = gained.len(), lost, "assignment changed");
+        metrics::counter!("shardlease_worker_rebalances_total").increment(1);
+        metrics::gauge!("shardlease_worker_owned_shards").set(shards.len() as f64);
+        self.shards = shards;
+        gained
+    }
+}
+
+/// One tick: compute the owned shards from the current view and run the fenced update, on
+/// all of them or `only` on those of them (a catch-up after a hand-off). A fenced refusal
+/// waits for the newer view and retries within the same tick.
 async fn tick(
     cfg: &WorkerConfig,
     member: &Member,
     work: &mut Option<Client>,
     state: &mut TickState,
+    only: Option<&[i32]>,
 ) {
     let member_id = member.member_id();
     for _attempt in 0..3 {
         let view = member.view();
-        let (Some(slot), Ok(fence)) = (view.my_slot(), view.fence()) else {
+        let (Some(_), Ok(fence)) = (view.my_slot(), view.fence()) else {
             metrics::counter!("shardlease_worker_ticks_total", "outcome" => "not_joined")
                 .increment(1);
             return;
         };
-        let shards: Vec<i32> = view
-            .assignment()
-            .shards_of(slot, SHARDS)
-            .into_iter()
-            .map(|s| s as i32)
-            .collect();
-        if shards != state.shards {
-            let gained = shards.iter().filter(|s| !state.shards.contains(s)).count();
-            let lost = state.shards.iter().filter(|s| !shards.contains(s)).count();
-            tracing::info!(member = %member_id, generation = view.generation, slot, shards = shards.len(), gained, lost, "assignment changed");
-            metrics::counter!("shardlease_worker_rebalances_total").increment(1);
-            metrics::gauge!("shardlease_worker_owned_shards").set(shards.len() as f64);
-            state.shards = shards.clone();
+        state.adopt(&view, member_id);
+        let shards: Vec<i32> = match only {
+            None => state.shards.clone(),
+            Some(subset) => subset
+                .iter()
+                .filter(|s| state.shards.binary_search(s).is_ok())
+                .copied()
+                .collect(),
+        };
+        if shards.is_empty() && only.is_some() {
+            return;
         }
         let client = match work {
             Some(c) if !c.is_closed() => c,
@@ -196,8 +249,7 @@ async fn tick(
                 metrics::counter!("shardlease_worker_ticks_total", "outcome" => "ok").increment(1);
                 metrics::counter!("shardlease_worker_increments_total")
                     .increment(result.incremented as u64);
-                metrics::gauge!("shardlease_worker_owned_items").set(result.watched.len() as f64);
-                if state.last_generation != Some(view.generation) {
+                if state.last_generation != Some(view.generation) && result.incremented > 0 {
                     if let (Some(_), Some(at)) =
                         (state.last_generation, state.view_changed_at.take())
                     {
@@ -206,7 +258,11 @@ async fn tick(
                     }
                     state.last_generation = Some(view.generation);
                 }
-                state.last = result;
+                if only.is_none() {
+                    metrics::gauge!("shardlease_worker_owned_items")
+                        .set(result.watched.len() as f64);
+                    state.last = result;
+                }
                 return;
             }
             Err(e) if e.is_fenced() => {
