@@ -122,10 +122,15 @@ impl Driver {
     /// The member's life: react to notifications, heartbeats and crash checks until asked
     /// to leave or abort; on a loss, rejoin with capped, jittered exponential backoff.
     pub(crate) async fn run(self, first: Session) -> Result<()> {
+        // Members that joined together would check for crashes in step; spread their phases
+        // over the interval (by incarnation) so that, together, they look more often.
+        let period = self.cfg.crash_check;
+        let phase =
+            period.mul_f64((crate::hash::mix64(first.incarnation as u64) % 1024) as f64 / 1024.0);
         let mut session = Some(first);
         let mut heartbeat = interval(self.cfg.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut crash_check = interval(self.cfg.crash_check);
+        let mut crash_check = tokio::time::interval_at(tokio::time::Instant::now() + phase, period);
         crash_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let Some(s) = session.as_mut() else {
