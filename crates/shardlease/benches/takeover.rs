@@ -27,7 +27,6 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -204,28 +203,6 @@ impl Proc {
 // ---------------------------------------------------------------------------------------
 // Databases and connections
 
-fn base_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// Replace the database of a postgres:// URL.
-fn with_database(url: &str, db: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((h, q)) => (h, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match head[scheme_end..].find('/') {
-        Some(i) => &head[..scheme_end + i],
-        None => head,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
-}
-
 async fn connect(pg: &Config, app: &str) -> Result<Client> {
     let mut pg = pg.clone();
     pg.application_name(app);
@@ -236,45 +213,8 @@ async fn connect(pg: &Config, app: &str) -> Result<Client> {
     Ok(client)
 }
 
-static DB_SEQ: AtomicU32 = AtomicU32::new(0);
-
-struct Db {
-    name: String,
-    url: String,
-    pg: Config,
-}
-
-impl Db {
-    async fn create(admin: &Client, migrated: bool) -> Result<Db> {
-        let name = format!(
-            "shardlease_bench_{}_{}",
-            std::process::id(),
-            DB_SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .with_context(|| format!("creating database {name}"))?;
-        let url = with_database(&base_url(), &name);
-        let pg = shardlease::parse_database_url(&url)?;
-        let db = Db { name, url, pg };
-        if migrated {
-            let mut c = connect(&db.pg, "takeover-bench migrate").await?;
-            if let Err(e) = shardlease::migrate(&mut c).await {
-                db.drop(admin).await;
-                return Err(e).context("migrate");
-            }
-        }
-        Ok(db)
-    }
-
-    async fn drop(self, admin: &Client) {
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        if let Err(e) = admin.batch_execute(&sql).await {
-            eprintln!("warning: could not drop database {}: {e}", self.name);
-        }
-    }
-}
+/// A fresh database per measurement, dropped with its connections afterwards.
+type Db = shardlease_testkit::TestDb;
 
 // ---------------------------------------------------------------------------------------
 // Scenarios
@@ -671,9 +611,11 @@ fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-async fn run_one(admin: &Client, kind: Kind, rng: &mut Rng) -> Result<Sample> {
-    let migrated = matches!(kind, Kind::Crash(_) | Kind::Leave);
-    let db = Db::create(admin, migrated).await?;
+async fn run_one(kind: Kind, rng: &mut Rng) -> Result<Sample> {
+    let db = match kind {
+        Kind::Crash(_) | Kind::Leave => Db::migrated().await,
+        _ => Db::empty().await,
+    };
     let r = match kind {
         Kind::FloorLock => floor_lock(&db).await,
         Kind::FloorNotify => floor_notify(&db, false).await,
@@ -683,7 +625,7 @@ async fn run_one(admin: &Client, kind: Kind, rng: &mut Rng) -> Result<Sample> {
         Kind::Crash(ms) => crash(&db, Some(Duration::from_millis(ms)), rng).await,
         Kind::Leave => leave(&db).await,
     };
-    db.drop(admin).await;
+    drop(db);
     r
 }
 
@@ -745,7 +687,7 @@ fn stats_json(s: &Option<Stats>) -> serde_json::Value {
 }
 
 async fn bench(opts: Opts) -> Result<()> {
-    let base = shardlease::parse_database_url(&base_url())?;
+    let base = shardlease::parse_database_url(&shardlease_testkit::base_url())?;
     let admin = connect(&base, "takeover-bench admin")
         .await
         .with_context(|| {
@@ -769,7 +711,7 @@ async fn bench(opts: Opts) -> Result<()> {
     for run in 1..=opts.runs {
         let mut line = format!("run {run:>3}/{}:", opts.runs);
         for sc in all.iter_mut() {
-            match run_one(&admin, sc.kind, &mut rng).await {
+            match run_one(sc.kind, &mut rng).await {
                 Ok(s) => {
                     line += &format!(" {}={:.2}ms", sc.key, ms(s.total));
                     sc.samples.push(s);

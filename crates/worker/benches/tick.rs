@@ -23,40 +23,16 @@ const ITEMS: u64 = 100_000;
 const WORKERS: usize = 4;
 
 struct Setup {
-    db: String,
+    db: shardlease_testkit::TestDb,
     members: Vec<Member>,
     clients: Vec<Client>,
     shards: Vec<Vec<i32>>,
     rows: Vec<u64>,
 }
 
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-fn url_of(db: &str) -> String {
-    let base = admin_url();
-    let (head, _) = base.split_once('?').unwrap_or((&base, ""));
-    let cut = head
-        .rfind('/')
-        .filter(|&i| i > "postgres://".len())
-        .unwrap_or(head.len());
-    format!("{}/{db}", &head[..cut])
-}
-
 async fn setup() -> Setup {
-    let db = format!("shardlease_bench_{}", std::process::id());
-    let (_, admin) = shardlease_worker::db::connect(&admin_url(), "bench-admin")
-        .await
-        .expect("PostgreSQL must be running (DATABASE_URL)");
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {db}"),
-        format!("CREATE DATABASE {db}"),
-    ] {
-        admin.batch_execute(&sql).await.unwrap();
-    }
-    let (pg, mut client) = shardlease_worker::db::connect(&url_of(&db), "bench")
+    let db = shardlease_testkit::TestDb::empty().await;
+    let (pg, mut client) = shardlease_worker::db::connect(&db.url, "bench")
         .await
         .unwrap();
     shardlease_worker::db::migrate(&mut client).await.unwrap();
@@ -109,7 +85,10 @@ async fn setup() -> Setup {
                 .unwrap(),
         );
     }
-    eprintln!("bench database {db}: {ITEMS} items, {WORKERS} members, rows per member {rows:?}");
+    eprintln!(
+        "bench database {}: {ITEMS} items, {WORKERS} members, rows per member {rows:?}",
+        db.name
+    );
     Setup {
         db,
         members,
@@ -223,12 +202,8 @@ fn bench(c: &mut Criterion) {
             let _ = m.leave().await;
         }
         drop(s.clients);
-        if let Ok((_, admin)) = shardlease_worker::db::connect(&admin_url(), "bench-admin").await {
-            let _ = admin
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", s.db))
-                .await;
-        }
     });
+    drop(s.db); // drops the database
 }
 
 criterion_group!(benches, bench);

@@ -1,128 +1,13 @@
-//! Test harness: one fresh database per test (created, migrated, dropped), and child
+//! Test harness: one fresh database per test (from `shardlease-testkit`), and child
 //! processes that hold a real membership, for crash and hang tests.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use shardlease::tokio_postgres::{Client, Config};
-
-/// The server tests run against: `DATABASE_URL`, default the local PostgreSQL.
-pub fn base_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
-
-/// A fresh database, dropped (with its connections) when this value is dropped.
-pub struct TestDb {
-    pub name: String,
-    pub url: String,
-    pub pg: Config,
-}
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-impl TestDb {
-    /// A new, empty database.
-    pub async fn empty() -> TestDb {
-        let name = format!(
-            "shardlease_test_{}_{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            Instant::now().elapsed().subsec_nanos() % 1000
-        );
-        let admin = admin_client().await;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
-        let url = with_database(&base_url(), &name);
-        let pg = shardlease::parse_database_url(&url).expect("test URL parses");
-        TestDb { name, url, pg }
-    }
-
-    /// A new database with the shardlease schema.
-    pub async fn migrated() -> TestDb {
-        let db = TestDb::empty().await;
-        let mut client = db.client().await;
-        shardlease::migrate(&mut client).await.expect("migrate");
-        db
-    }
-
-    /// A plain connection to this database.
-    pub async fn client(&self) -> Client {
-        shardlease::connect_client(&self.pg, "shardlease-test")
-            .await
-            .expect("connect to test database")
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop runs outside any runtime guarantee: use a thread with its own runtime.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let admin = admin_client().await;
-                if let Err(e) = admin
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await
-                {
-                    eprintln!("warning: could not drop test database {name}: {e}");
-                }
-            })
-        })
-        .join();
-    }
-}
-
-async fn admin_client() -> Client {
-    let pg = shardlease::parse_database_url(&base_url()).expect("DATABASE_URL parses");
-    shardlease::connect_client(&pg, "shardlease-test-admin")
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL must be running for these tests: {e}"))
-}
-
-/// Replace the database of a postgres:// URL.
-pub fn with_database(url: &str, db: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((h, q)) => (h, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match head[scheme_end..].find('/') {
-        Some(i) => &head[..scheme_end + i],
-        None => head,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
-}
-
-/// Wait for `cond` to hold, polling every 5 ms; panics with `what` after `timeout`.
-pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if cond().await {
-            return;
-        }
-        if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
+#[allow(unused_imports)] // Not every test binary uses every helper.
+pub use shardlease_testkit::{eventually, TestDb};
 
 /// A child process that holds a membership (see `child_member` in the test files).
 pub struct ChildMember {

@@ -10,11 +10,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use shardlease::tokio_postgres::{Client, Config};
+use shardlease::tokio_postgres::Client;
 use uuid::Uuid;
 
 /// The worker binary under test.
@@ -51,42 +50,20 @@ pub const SLACK: f64 = 0.15;
 // Databases
 // ---------------------------------------------------------------------------------------
 
-/// The server the tests run against: `DATABASE_URL`, default the local PostgreSQL.
-pub fn base_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
-}
+/// A fresh database (from `shardlease-testkit`) with the worker's helpers.
+pub struct TestDb(shardlease_testkit::TestDb);
 
-/// A fresh, empty database, dropped (with its connections) when this value is dropped.
-pub struct TestDb {
-    pub name: String,
-    pub url: String,
-    pub pg: Config,
+impl std::ops::Deref for TestDb {
+    type Target = shardlease_testkit::TestDb;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl TestDb {
     /// A new, empty database.
     pub async fn empty() -> TestDb {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let name = format!(
-            "slworker_test_{}_{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            nanos % 100_000
-        );
-        let admin = admin_client().await;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap_or_else(|e| panic!("creating test database {name}: {e}"));
-        let url = with_database(&base_url(), &name);
-        let pg = shardlease::parse_database_url(&url).expect("test URL parses");
-        TestDb { name, url, pg }
+        TestDb(shardlease_testkit::TestDb::empty().await)
     }
 
     /// A new database, migrated and seeded with `count` items by the binary itself
@@ -104,13 +81,6 @@ impl TestDb {
         db
     }
 
-    /// A plain connection to this database.
-    pub async fn client(&self) -> Client {
-        shardlease::connect_client(&self.pg, "shardlease-worker-test")
-            .await
-            .expect("connect to test database")
-    }
-
     /// Run the binary with `args` against this database and wait for it (at most 60 s).
     pub async fn cli(&self, args: &[&str]) -> CliOutput {
         cli(&self.url, args).await
@@ -124,88 +94,8 @@ impl TestDb {
     }
 }
 
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop may run inside a runtime: use a thread with its own runtime.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let admin = admin_client().await;
-                if let Err(e) = admin
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .await
-                {
-                    eprintln!("warning: could not drop test database {name}: {e}");
-                }
-            })
-        })
-        .join();
-    }
-}
-
-async fn admin_client() -> Client {
-    let pg = shardlease::parse_database_url(&base_url()).expect("DATABASE_URL parses");
-    shardlease::connect_client(&pg, "shardlease-worker-test-admin")
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL must be running for these tests: {e}"))
-}
-
-/// Replace the database of a postgres:// URL.
-pub fn with_database(url: &str, db: &str) -> String {
-    let (head, query) = match url.split_once('?') {
-        Some((h, q)) => (h, Some(q)),
-        None => (url, None),
-    };
-    let scheme_end = head.find("://").map(|i| i + 3).unwrap_or(0);
-    let base = match head[scheme_end..].find('/') {
-        Some(i) => &head[..scheme_end + i],
-        None => head,
-    };
-    match query {
-        Some(q) => format!("{base}/{db}?{q}"),
-        None => format!("{base}/{db}"),
-    }
-}
-
-/// Wait for `cond` to hold, polling every 10 ms; panics with `what` after `timeout`.
-pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if cond().await {
-            return;
-        }
-        if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// Poll `f` every 10 ms until it returns `Some`; panics with `what` after `timeout`.
-pub async fn poll_until<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
+#[allow(unused_imports)] // Not every test binary uses every helper.
+pub use shardlease_testkit::{base_url, eventually, poll_until};
 
 // ---------------------------------------------------------------------------------------
 // One-shot commands
