@@ -324,7 +324,7 @@ async fn recv(rx: &mut mpsc::UnboundedReceiver<(Instant, String)>, want: &str) -
 /// With `write`, the NOTIFY shares a transaction with a one-row INSERT, so its commit
 /// waits for a WAL flush, as every membership change's commit does.
 async fn floor_notify(db: &Db, write: bool) -> Result<Sample> {
-    let mut pg = db.pg.clone();
+    let mut pg = db.pg.pg().clone();
     pg.application_name("takeover-bench listener");
     let (listener, mut connection) = pg.connect(NoTls).await.context("connect listener")?;
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, String)>();

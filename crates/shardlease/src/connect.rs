@@ -1,35 +1,173 @@
-//! Connections: URL parsing with clear errors, and connections whose notifications
-//! arrive on a channel (the tokio-postgres `poll_message` pattern).
+//! Connections: URL parsing with clear errors, TLS as libpq's `sslmode` says (see the
+//! `tls` module), and connections whose notifications arrive on a channel (the
+//! tokio-postgres `poll_message` pattern).
 
+use std::ops::Deref;
 use std::time::Duration;
 
-use futures_util::{future, stream, StreamExt};
+use futures_util::{stream, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Notification};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::{AsyncMessage, Client, Config, Connection, NoTls, Notification};
 
 use crate::error::{Error, Result};
+use crate::tls::{self, RootCert, TlsMode, Verification};
 
-/// Parse a `postgres://` URL (or a key=value string) into a driver config.
+/// Where to connect and how: tokio-postgres's [`Config`] plus the TLS settings
+/// (libpq's `sslmode` and `sslrootcert`), which tokio-postgres's own config cannot hold.
 ///
-/// The error never repeats the password. TLS is not built in: `sslmode=require` and the
-/// `verify-*` modes are refused with an explanation instead of failing at connect time.
+/// Made by [`parse_database_url`], or from a [`Config`] you built (`DbConfig::from(config)`:
+/// its `ssl_mode` `Require` becomes [`TlsMode::Require`], anything else no TLS). It
+/// dereferences to the [`Config`] for reading; [`DbConfig::pg_mut`] edits it. The TLS mode
+/// of a connection comes from [`DbConfig::tls_mode`] only: the inner config's `ssl_mode` is
+/// kept in step (`Require` when TLS is used, `Disable` otherwise) and overridden on connect.
+#[derive(Debug, Clone)]
+pub struct DbConfig {
+    pg: Config,
+    tls_mode: TlsMode,
+    root_cert: Option<RootCert>,
+}
+
+impl DbConfig {
+    /// `pg` with the TLS settings its `ssl_mode` implies (`Require`: encrypt only; else none).
+    pub fn new(pg: Config) -> DbConfig {
+        let tls_mode = match pg.get_ssl_mode() {
+            SslMode::Require => TlsMode::Require,
+            SslMode::Disable => TlsMode::Disable,
+            _ => TlsMode::Prefer,
+        };
+        DbConfig {
+            pg,
+            tls_mode,
+            root_cert: None,
+        }
+        .in_step()
+    }
+
+    /// Set the TLS mode and the trusted roots, checked as libpq does
+    /// (`sslrootcert=system` needs `verify-full`). A root file is read at every connection
+    /// attempt, so a renewed CA file is picked up without a restart.
+    pub fn with_tls(mut self, mode: TlsMode, root_cert: Option<RootCert>) -> Result<DbConfig> {
+        if root_cert == Some(RootCert::System) && mode != TlsMode::VerifyFull {
+            return Err(Error::Config(format!(
+                "sslrootcert=system needs sslmode=verify-full (or no sslmode), not sslmode={mode}: \
+                 trusting the public roots without checking the host name would accept any \
+                 publicly certified server"
+            )));
+        }
+        self.tls_mode = mode;
+        self.root_cert = root_cert;
+        Ok(self.in_step())
+    }
+
+    /// The driver config.
+    pub fn pg(&self) -> &Config {
+        &self.pg
+    }
+
+    /// The driver config, to edit. Its `ssl_mode` is ignored: see [`DbConfig::with_tls`].
+    pub fn pg_mut(&mut self) -> &mut Config {
+        &mut self.pg
+    }
+
+    /// libpq's `sslmode`.
+    pub fn tls_mode(&self) -> TlsMode {
+        self.tls_mode
+    }
+
+    /// libpq's `sslrootcert`, if given.
+    pub fn root_cert(&self) -> Option<&RootCert> {
+        self.root_cert.as_ref()
+    }
+
+    /// What connections verify; `None` for plain connections. As in libpq, connections
+    /// over Unix-domain sockets never use TLS.
+    fn verification(&self) -> Option<Verification> {
+        if only_unix_sockets(&self.pg) {
+            return None;
+        }
+        tls::verification(self.tls_mode, self.root_cert.as_ref())
+    }
+
+    /// Keep the inner config's `ssl_mode` in step, so that even a connection made from
+    /// [`DbConfig::pg`] without our connector cannot silently go without TLS.
+    fn in_step(mut self) -> DbConfig {
+        let mode = if self.verification().is_some() {
+            SslMode::Require
+        } else {
+            SslMode::Disable
+        };
+        self.pg.ssl_mode(mode);
+        self
+    }
+}
+
+#[cfg(unix)]
+fn only_unix_sockets(pg: &Config) -> bool {
+    let hosts = pg.get_hosts();
+    !hosts.is_empty()
+        && hosts
+            .iter()
+            .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
+}
+
+#[cfg(not(unix))]
+fn only_unix_sockets(_: &Config) -> bool {
+    false
+}
+
+impl Deref for DbConfig {
+    type Target = Config;
+
+    fn deref(&self) -> &Config {
+        &self.pg
+    }
+}
+
+impl From<Config> for DbConfig {
+    fn from(pg: Config) -> DbConfig {
+        DbConfig::new(pg)
+    }
+}
+
+/// Parse a `postgres://` URL (or a key=value string) into a connection config.
+///
+/// The error never repeats the password. TLS follows libpq's `sslmode`: `disable`, `allow`
+/// and `prefer` (the default) connect without TLS; `require` encrypts without verifying the
+/// server (unless `sslrootcert` is given: then as `verify-ca`); `verify-ca` checks the
+/// certificate chain against `sslrootcert` (a PEM file; by default the bundled webpki
+/// roots); `verify-full` also checks the host name. `sslrootcert=system` means the webpki
+/// roots and implies `verify-full`. A root certificate file is checked here, and read
+/// again at every connection attempt.
 ///
 /// ```
 /// let cfg = shardlease::parse_database_url("postgres://app:secret@db:5432/app").unwrap();
 /// assert_eq!(shardlease::describe_target(&cfg), "db:5432/app as app");
+/// assert_eq!(cfg.tls_mode(), shardlease::TlsMode::Prefer);
+/// let cfg = shardlease::parse_database_url("postgres://db/app?sslmode=verify-full").unwrap();
+/// assert_eq!(cfg.tls_mode(), shardlease::TlsMode::VerifyFull);
 /// assert!(shardlease::parse_database_url("mysql://x").is_err());
 /// ```
-pub fn parse_database_url(url: &str) -> Result<Config> {
-    let lower = url.to_ascii_lowercase();
-    for mode in ["verify-full", "verify-ca", "require"] {
-        if lower.contains(&format!("sslmode={mode}")) {
-            return Err(Error::Url(format!(
-                "sslmode={mode} is not supported: this build connects without TLS. \
-                 Use sslmode=disable or sslmode=prefer, or terminate TLS in a local proxy"
-            )));
-        }
+pub fn parse_database_url(url: &str) -> Result<DbConfig> {
+    let params = tls::take_tls_params(url);
+    if let Some(key) = &params.unsupported {
+        return Err(Error::Url(format!(
+            "{key} is not supported: client certificates and revocation lists are not built in"
+        )));
     }
-    let mut cfg: Config = url.parse().map_err(|e: tokio_postgres::Error| {
+    let root_cert = params
+        .sslrootcert
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(RootCert::parse);
+    let tls_mode = match params.sslmode.as_deref() {
+        Some(mode) => mode.parse::<TlsMode>().map_err(Error::Url)?,
+        // libpq: sslrootcert=system makes verify-full the default.
+        None if root_cert == Some(RootCert::System) => TlsMode::VerifyFull,
+        None => TlsMode::Prefer,
+    };
+    let mut cfg: Config = params.rest.parse().map_err(|e: tokio_postgres::Error| {
         Error::Url(format!(
             "{e} (expected postgres://user:password@host:port/database)"
         ))
@@ -46,7 +184,19 @@ pub fn parse_database_url(url: &str) -> Result<Config> {
     // Notice a silently dead peer (partition without a reset) in bounded time.
     cfg.keepalives(true);
     cfg.keepalives_idle(Duration::from_secs(5));
-    Ok(cfg)
+    let db = DbConfig::new(cfg)
+        .with_tls(tls_mode, root_cert)
+        .map_err(|e| match e {
+            Error::Config(m) => Error::Url(m),
+            e => e,
+        })?;
+    // Fail now, not at the first connection, on a root certificate file that cannot be used.
+    if let (Some(Verification::Chain | Verification::Full), Some(root)) =
+        (db.verification(), db.root_cert())
+    {
+        tls::load_roots(Some(root)).map_err(Error::Url)?;
+    }
+    Ok(db)
 }
 
 /// "host:port/database as user", for messages: never the password.
@@ -63,18 +213,58 @@ pub fn describe_target(cfg: &Config) -> String {
     format!("{host}:{port}/{db} as {user}")
 }
 
-/// Open a connection named `application_name` and drive it in a background task.
-/// Notifications go to the returned receiver; it closes when the connection ends.
+/// Open a connection named `application_name` (with TLS as `db` says) and drive it in a
+/// background task. Notifications go to the returned receiver; it closes when the
+/// connection ends.
 pub(crate) async fn connect(
-    cfg: &Config,
+    db: &DbConfig,
     application_name: &str,
 ) -> Result<(Client, mpsc::UnboundedReceiver<Notification>)> {
-    let mut cfg = cfg.clone();
+    let mut cfg = db.pg.clone();
     cfg.application_name(application_name);
-    let (client, mut connection) = cfg.connect(NoTls).await.map_err(|e| Error::Connect {
-        target: describe_target(&cfg),
-        cause: e,
-    })?;
+    let target = describe_target(&cfg);
+    let failed = |e: tokio_postgres::Error| match tls::explain_rejection(
+        &e,
+        db.tls_mode,
+        db.root_cert.as_ref(),
+    ) {
+        Some(detail) => Error::Tls {
+            target: target.clone(),
+            detail,
+        },
+        None => Error::Connect {
+            target: target.clone(),
+            cause: e,
+        },
+    };
+    match db.verification() {
+        None => {
+            cfg.ssl_mode(SslMode::Disable);
+            let (client, connection) = cfg.connect(NoTls).await.map_err(failed)?;
+            Ok((client, drive(connection)))
+        }
+        Some(verification) => {
+            let connector =
+                tls::connector(verification, db.root_cert.as_ref()).map_err(|detail| {
+                    Error::Tls {
+                        target: target.clone(),
+                        detail,
+                    }
+                })?;
+            cfg.ssl_mode(SslMode::Require);
+            let (client, connection) = cfg.connect(connector).await.map_err(failed)?;
+            Ok((client, drive(connection)))
+        }
+    }
+}
+
+/// Drive `connection` in a background task; its notifications go to the returned receiver.
+fn drive<S, T>(connection: Connection<S, T>) -> mpsc::UnboundedReceiver<Notification>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut connection = connection;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -95,10 +285,8 @@ pub(crate) async fn connect(
                 }
             }
         }
-        drop(tx);
-        future::ready(()).await
     });
-    Ok((client, rx))
+    rx
 }
 
 /// Open a plain connection (no notification channel) named `application_name`.
@@ -109,7 +297,7 @@ pub(crate) async fn connect(
 /// let client = shardlease::connect_client(&cfg, "my-service").await?;
 /// # Ok(()) }
 /// ```
-pub async fn connect_client(cfg: &Config, application_name: &str) -> Result<Client> {
+pub async fn connect_client(cfg: &DbConfig, application_name: &str) -> Result<Client> {
     let (client, _notifications) = connect(cfg, application_name).await?;
     Ok(client)
 }

@@ -51,6 +51,17 @@ pub enum Error {
         cause: tokio_postgres::Error,
     },
 
+    /// TLS with the database failed: the server's certificate was rejected (the detail says
+    /// why and what to do), or the trusted roots (`sslrootcert`) cannot be loaded. Not
+    /// transient: retrying will not change the answer.
+    #[error("TLS with PostgreSQL at {target} failed: {detail}")]
+    Tls {
+        /// Where we tried to connect (host, port, database, user; never the password).
+        target: String,
+        /// Why, and what to do.
+        detail: String,
+    },
+
     /// The database lacks the shardlease schema, or an older version of it.
     #[error("the database is not migrated ({detail}): run `shardlease-worker migrate` (or call shardlease::migrate)")]
     NotMigrated {

@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_postgres::Config;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MemberConfig;
+use crate::connect::DbConfig;
 use crate::error::Result;
 use crate::session::{Driver, Session};
 use crate::view::{MemberState, View};
@@ -54,7 +54,7 @@ impl Member {
     /// migrated, member id in use, protocol mismatch); later losses are retried in the
     /// background. Use [`Error::is_transient`](crate::Error::is_transient) to decide whether
     /// to retry a failed join.
-    pub async fn join(pg: &Config, cfg: MemberConfig) -> Result<Member> {
+    pub async fn join(pg: &DbConfig, cfg: MemberConfig) -> Result<Member> {
         cfg.validate()?;
         let (view_tx, view) = watch::channel(View {
             group: cfg.group.clone(),

@@ -6,11 +6,11 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{interval, MissedTickBehavior};
-use tokio_postgres::{Client, Config, Notification};
+use tokio_postgres::{Client, Notification};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MemberConfig;
-use crate::connect::connect;
+use crate::connect::{connect, DbConfig};
 use crate::error::{classify, Error, Result};
 use crate::member::timeout_ms;
 use crate::view::{MemberInfo, MemberState, View};
@@ -31,7 +31,7 @@ pub(crate) struct Session {
 }
 
 pub(crate) struct Driver {
-    pg: Config,
+    pg: DbConfig,
     cfg: MemberConfig,
     view: watch::Sender<View>,
     leave: CancellationToken,
@@ -47,7 +47,7 @@ enum Next {
 
 impl Driver {
     pub(crate) fn new(
-        pg: Config,
+        pg: DbConfig,
         cfg: MemberConfig,
         view: watch::Sender<View>,
         leave: CancellationToken,

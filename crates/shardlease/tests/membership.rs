@@ -115,12 +115,32 @@ async fn not_migrated_database_gets_a_clear_error() {
 async fn bad_input_gets_clear_errors() {
     let err = shardlease::parse_database_url("not a url at all").unwrap_err();
     assert!(matches!(err, Error::Url(_)), "{err:?}");
-    let err = shardlease::parse_database_url("postgres://u:hunter2@h/db?sslmode=verify-full")
-        .unwrap_err();
-    assert!(
-        !err.to_string().contains("hunter2"),
-        "the password must never be printed: {err}"
-    );
+    // TLS is built in: verify-full parses; bad TLS parameters get clear errors, without the password.
+    let pg =
+        shardlease::parse_database_url("postgres://u:hunter2@h/db?sslmode=verify-full").unwrap();
+    assert_eq!(pg.tls_mode(), shardlease::TlsMode::VerifyFull);
+    for (url, expected) in [
+        (
+            "postgres://u:hunter2@h/db?sslmode=verify-fullest",
+            "sslmode=verify-fullest is not one of",
+        ),
+        (
+            "postgres://u:hunter2@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+            "/nonexistent/ca.pem cannot be read",
+        ),
+        (
+            "postgres://u:hunter2@h/db?sslmode=require&sslrootcert=system",
+            "sslrootcert=system needs sslmode=verify-full",
+        ),
+    ] {
+        let err = shardlease::parse_database_url(url).unwrap_err();
+        assert!(matches!(err, Error::Url(_)), "{err:?}");
+        assert!(err.to_string().contains(expected), "{url}: {err}");
+        assert!(
+            !err.to_string().contains("hunter2"),
+            "the password must never be printed: {err}"
+        );
+    }
     // Nothing listens on port 1.
     let pg = shardlease::parse_database_url("postgres://u:hunter2@127.0.0.1:1/db").unwrap();
     let err = Member::join(&pg, fast("g", "a")).await.unwrap_err();

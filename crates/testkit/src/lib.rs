@@ -8,7 +8,8 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use shardlease::tokio_postgres::{Client, Config};
+use shardlease::tokio_postgres::Client;
+use shardlease::DbConfig;
 
 /// The server the tests run against: `DATABASE_URL`, default the local PostgreSQL.
 pub fn base_url() -> String {
@@ -39,8 +40,8 @@ pub struct TestDb {
     pub name: String,
     /// Its URL.
     pub url: String,
-    /// Its driver config.
-    pub pg: Config,
+    /// Its connection config.
+    pub pg: DbConfig,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

@@ -1,7 +1,8 @@
 //! Connections and migrations of the worker (the library's schema, then work_items).
 
 use anyhow::{Context, Result};
-use shardlease::tokio_postgres::{Client, Config};
+use shardlease::tokio_postgres::Client;
+use shardlease::DbConfig;
 
 mod embedded {
     refinery::embed_migrations!("../../migrations/work_items");
@@ -11,7 +12,7 @@ mod embedded {
 const HISTORY: &str = "shardlease.worker_schema_history";
 
 /// Parse the URL and connect once; errors name the target, never the password.
-pub async fn connect(url: &str, application_name: &str) -> Result<(Config, Client)> {
+pub async fn connect(url: &str, application_name: &str) -> Result<(DbConfig, Client)> {
     let pg = shardlease::parse_database_url(url)?;
     let client = shardlease::connect_client(&pg, application_name).await?;
     Ok((pg, client))

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use shardlease::tokio_postgres::{Client, Config};
+use shardlease::tokio_postgres::Client;
+use shardlease::DbConfig;
 use shardlease::MemberConfig;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -24,7 +25,7 @@ struct Running {
 }
 
 /// Run the demo against `pg`, with an already migrated `client`.
-pub async fn run(pg: &Config, client: &Client, tick: Duration) -> Result<()> {
+pub async fn run(pg: &DbConfig, client: &Client, tick: Duration) -> Result<()> {
     println!(
         "Demo table {TABLE} (recreated), group {GROUP}, {ITEMS} items, tick {}.",
         humantime::format_duration(tick)

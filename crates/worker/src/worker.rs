@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use backon::{ExponentialBuilder, Retryable};
 use shardlease::hash::SHARDS;
-use shardlease::tokio_postgres::{Client, Config};
+use shardlease::tokio_postgres::Client;
+use shardlease::DbConfig;
 use shardlease::{Member, MemberConfig, View};
 use tokio::sync::watch;
 use tokio::time::{interval, MissedTickBehavior};
@@ -21,7 +22,7 @@ use crate::printer::Printer;
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// Where the database is.
-    pub pg: Config,
+    pub pg: DbConfig,
     /// Group, member id and lease timings.
     pub member: MemberConfig,
     /// Tick interval.
