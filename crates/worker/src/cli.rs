@@ -9,7 +9,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(name = "shardlease-worker", version, about, long_about = None)]
 pub struct Cli {
-    /// PostgreSQL URL (postgres://user:password@host:port/database).
+    /// PostgreSQL URL (postgres://user:password@host:port/database); TLS with
+    /// ?sslmode=require, verify-ca or verify-full, and &sslrootcert=<CA PEM file>.
     #[arg(
         long,
         env = "DATABASE_URL",
