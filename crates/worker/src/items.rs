@@ -50,10 +50,12 @@ impl Items {
         min_gap: Duration,
     ) -> shardlease::Result<TickResult> {
         let tx = fence.begin(client).await?;
-        let gap = format!("{} milliseconds", min_gap.as_millis());
+        // A float times an interval constant: immutable, so folded once per statement (a
+        // text-to-interval cast is only stable and would be parsed again for every row).
+        let gap_ms = min_gap.as_secs_f64() * 1000.0;
         // Every SET expression sees the row before the update, so `due` is evaluated once
         // per row consistently; due rows get updated_at = now(), which RETURNING recognises.
-        let due = "(updated_at IS NULL OR updated_at <= now() - $3::text::interval)";
+        let due = "(updated_at IS NULL OR updated_at <= now() - $3::float8 * interval '1 millisecond')";
         let sql = format!(
             "UPDATE {t} SET \
                value = CASE WHEN {due} THEN value + 1 ELSE value END, \
@@ -63,7 +65,7 @@ impl Items {
              RETURNING id, updated_at = now()",
             t = self.table
         );
-        let rows = tx.query(&sql, &[&member_id, &shards, &gap]).await?;
+        let rows = tx.query(&sql, &[&member_id, &shards, &gap_ms]).await?;
         tx.commit().await?;
         let mut watched: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
         watched.sort_unstable();
