@@ -55,7 +55,8 @@ impl Items {
         let gap_ms = min_gap.as_secs_f64() * 1000.0;
         // Every SET expression sees the row before the update, so `due` is evaluated once
         // per row consistently; due rows get updated_at = now(), which RETURNING recognises.
-        let due = "(updated_at IS NULL OR updated_at <= now() - $3::float8 * interval '1 millisecond')";
+        let due =
+            "(updated_at IS NULL OR updated_at <= now() - $3::float8 * interval '1 millisecond')";
         let sql = format!(
             "UPDATE {t} SET \
                value = CASE WHEN {due} THEN value + 1 ELSE value END, \
