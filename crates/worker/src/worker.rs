@@ -68,6 +68,9 @@ pub async fn run(
     // later for the items their previous owner ticked too recently: so that an item never
     // waits for this worker's next regular tick (at most 1.5 ticks across a hand-off).
     let mut follow_up: Option<(tokio::time::Instant, Vec<i32>)> = None;
+    // Only the view-change branch adopts views (and so knows what was gained); start from
+    // the view we joined with.
+    state.adopt(&member.view(), member.member_id());
     loop {
         let follow_up_at = follow_up.as_ref().map(|(at, _)| *at);
         tokio::select! {
@@ -78,8 +81,12 @@ pub async fn run(
                 state.view_changed_at = Some(Instant::now());
                 let gained = state.adopt(&member.view(), member.member_id());
                 if !gained.is_empty() {
-                    tick(&cfg, &member, &mut work, &mut state, Some(&gained)).await;
-                    follow_up = Some((tokio::time::Instant::now() + cfg.tick / 2, gained));
+                    let caught_up = tick(&cfg, &member, &mut work, &mut state, Some(&gained)).await;
+                    // Some gained items were ticked by their previous owner too recently:
+                    // tick them once they are due.
+                    if caught_up.is_none_or(|r| r.incremented < r.watched) {
+                        follow_up = Some((tokio::time::Instant::now() + cfg.tick / 2, gained));
+                    }
                 }
             }
             _ = async { tokio::time::sleep_until(follow_up_at.expect("guarded")).await }, if follow_up_at.is_some() => {
@@ -149,6 +156,15 @@ struct TickState {
     view_changed_at: Option<Instant>,
 }
 
+/// What a tick did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ticked {
+    /// Items incremented.
+    incremented: usize,
+    /// Items in the ticked shards.
+    watched: usize,
+}
+
 /// The shards `view` gives this member, when joined.
 fn owned_shards(view: &View) -> Option<Vec<i32>> {
     let slot = view.my_slot()?;
@@ -190,33 +206,36 @@ impl TickState {
 
 /// One tick: compute the owned shards from the current view and run the fenced update, on
 /// all of them or `only` on those of them (a catch-up after a hand-off). A fenced refusal
-/// waits for the newer view and retries within the same tick.
+/// waits for the newer view and retries within the same tick. Returns what the tick saw,
+/// or `None` when it could not run.
 async fn tick(
     cfg: &WorkerConfig,
     member: &Member,
     work: &mut Option<Client>,
     state: &mut TickState,
     only: Option<&[i32]>,
-) {
+) -> Option<Ticked> {
     let member_id = member.member_id();
     for _attempt in 0..3 {
         let view = member.view();
         let (Some(_), Ok(fence)) = (view.my_slot(), view.fence()) else {
             metrics::counter!("shardlease_worker_ticks_total", "outcome" => "not_joined")
                 .increment(1);
-            return;
+            return None;
         };
-        state.adopt(&view, member_id);
+        // The shards of the very view the fence checks; a newer view than the one adopted
+        // is pending in the watch channel, and the loop adopts it next.
+        let owned = owned_shards(&view).unwrap_or_default();
         let shards: Vec<i32> = match only {
-            None => state.shards.clone(),
+            None => owned,
             Some(subset) => subset
                 .iter()
-                .filter(|s| state.shards.binary_search(s).is_ok())
+                .filter(|s| owned.binary_search(s).is_ok())
                 .copied()
                 .collect(),
         };
         if shards.is_empty() && only.is_some() {
-            return;
+            return Some(Ticked::default());
         }
         let client = match work {
             Some(c) if !c.is_closed() => c,
@@ -234,7 +253,7 @@ async fn tick(
                     tracing::warn!(member = %member_id, error = %e, "work connection unavailable; skipping this tick");
                     metrics::counter!("shardlease_worker_ticks_total", "outcome" => "error")
                         .increment(1);
-                    return;
+                    return None;
                 }
             },
         };
@@ -259,12 +278,16 @@ async fn tick(
                     }
                     state.last_generation = Some(view.generation);
                 }
+                let ticked = Ticked {
+                    incremented: result.incremented,
+                    watched: result.watched.len(),
+                };
                 if only.is_none() {
                     metrics::gauge!("shardlease_worker_owned_items")
                         .set(result.watched.len() as f64);
                     state.last = result;
                 }
-                return;
+                return Some(ticked);
             }
             Err(e) if e.is_fenced() => {
                 metrics::counter!("shardlease_worker_ticks_total", "outcome" => "fenced")
@@ -283,10 +306,11 @@ async fn tick(
                 if work.as_ref().is_some_and(Client::is_closed) {
                     *work = None;
                 }
-                return;
+                return None;
             }
         }
     }
+    None
 }
 
 fn describe(view: &View, member_id: &str, state: &TickState, printer: &mut Printer) -> String {

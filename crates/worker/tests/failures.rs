@@ -172,6 +172,14 @@ async fn kill_9_survivors_take_over_and_a_new_worker_refills_the_slot() {
         victim_items.len(),
         "every item of w2 was taken over"
     );
+    // The survivors tick gained shards as soon as the reap's view arrives (the kill comes
+    // right after w2's tick, so its items are due 0.5 s later): the first take-over increment
+    // comes within that 0.5 s, plus crash detection (target 250 ms), plus slack for load.
+    assert!(
+        t.max_after_event <= 0.5 + 0.25 + SLACK,
+        "kill -9: an item of w2 waited {:.3} s after the kill for its new owner",
+        t.max_after_event
+    );
     assert!(
         detection <= DETECT,
         "kill -9: the survivors reaped w2 {detection:.3} s after the kill; crash detection must take well under a second (allowance {DETECT} s)"
@@ -262,6 +270,13 @@ async fn sigterm_leaves_promptly_and_only_the_leavers_items_move() {
         left_at - term_at <= 1.0,
         "SIGTERM: the leave committed {:.3} s after the signal",
         left_at - term_at
+    );
+    // The survivors tick gained shards at once, and again when the items the leaver ticked
+    // just before the signal become due (0.5 s after that tick): not at their next regular tick.
+    assert!(
+        t.max_after_event <= 0.5 + 0.1 + SLACK,
+        "SIGTERM: an item of w3 waited {:.3} s after the signal for its new owner",
+        t.max_after_event
     );
     // A graceful leave is a hand-off: the cadence bound applies without excuse.
     check_audit(&c, "SIGTERM", &[], &BTreeSet::new()).await;
