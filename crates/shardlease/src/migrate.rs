@@ -97,7 +97,13 @@ pub async fn run_locked(
 
 /// The newest schema version this build of the library needs.
 pub fn required_version() -> i32 {
-    embedded::migrations::runner()
+    latest_version(&embedded::migrations::runner())
+}
+
+/// The newest version among `runner`'s migrations (0 when it has none): what
+/// [`check_history`] should require for them.
+pub fn latest_version(runner: &refinery::Runner) -> i32 {
+    runner
         .get_migrations()
         .iter()
         .map(|m| m.version())

@@ -31,12 +31,7 @@ pub async fn migrate(client: &mut Client) -> Result<Vec<String>> {
 /// Fail with a message that says to run `shardlease-worker migrate` when anything is missing.
 pub async fn check_migrated(client: &Client) -> Result<()> {
     shardlease::check_migrated(client).await?;
-    let required = embedded::migrations::runner()
-        .get_migrations()
-        .iter()
-        .map(|m| m.version())
-        .max()
-        .unwrap_or(0);
+    let required = shardlease::migrate::latest_version(&embedded::migrations::runner());
     shardlease::migrate::check_history(client, HISTORY, required)
         .await
         .context("the work_items table is not set up")?;
