@@ -3,7 +3,7 @@
 
 use tokio_postgres::Client;
 
-use crate::error::{Error, Result};
+use crate::error::{Doing, Error, Result};
 
 mod embedded {
     refinery::embed_migrations!("../../migrations/shardlease");
@@ -49,22 +49,34 @@ pub async fn run_locked(
     runner: refinery::Runner,
 ) -> Result<MigrationReport> {
     // Bounded wait: a migration still running elsewhere after 5 minutes is reported, not waited on forever.
-    client.batch_execute("SET lock_timeout = '300s'").await?;
+    client
+        .batch_execute("SET lock_timeout = '300s'")
+        .await
+        .doing(|| "setting up the migration connection".into())?;
     let locked = client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await;
-    client.batch_execute("RESET lock_timeout").await?;
+    client
+        .batch_execute("RESET lock_timeout")
+        .await
+        .doing(|| "setting up the migration connection".into())?;
     if let Err(e) = locked {
         return Err(match e.code().map(|c| c.code()) {
             Some("55P03") => Error::Migration(
                 "another process has held the migration lock for 5 minutes; is a migration stuck?"
                     .into(),
             ),
-            _ => Error::Db(e),
+            _ => Error::Db {
+                doing: "taking the migration lock".into(),
+                source: e,
+            },
         });
     }
     let result = async {
-        client.batch_execute(prelude).await?;
+        client
+            .batch_execute(prelude)
+            .await
+            .doing(|| "running the migration prelude".into())?;
         let report = runner
             .run_async(client)
             .await
@@ -121,7 +133,8 @@ pub async fn check_migrated(client: &Client) -> Result<()> {
 pub async fn check_history(client: &Client, history_table: &str, required: i32) -> Result<()> {
     let exists: bool = client
         .query_one("SELECT to_regclass($1) IS NOT NULL", &[&history_table])
-        .await?
+        .await
+        .doing(|| format!("looking for {history_table}"))?
         .get(0);
     if !exists {
         return Err(Error::NotMigrated {
@@ -130,7 +143,8 @@ pub async fn check_history(client: &Client, history_table: &str, required: i32) 
     }
     let version: Option<i32> = client
         .query_one(&format!("SELECT max(version) FROM {history_table}"), &[])
-        .await?
+        .await
+        .doing(|| format!("reading the schema version from {history_table}"))?
         .get(0);
     let version = version.unwrap_or(0);
     if version < required {

@@ -1,30 +1,48 @@
 //! The member's background task: one dedicated session connection that holds the slot's
-//! advisory lock, LISTENs, heartbeats, reaps the dead, and reconnects when it must.
+//! advisory lock, LISTENs, heartbeats, looks for crashed members when it is one of the
+//! group's checkers, and reconnects when it must.
+//!
+//! Cost at rest, per member and heartbeat: one statement (`shardlease.heartbeat`), whatever
+//! the group size. Only the [`CHECKERS`] lowest slots look for crashes, each with one
+//! `pg_locks` scan per crash-check interval; everyone else's heartbeat probes the checkers'
+//! slot locks, so that a group whose checkers all died still notices. Membership changes
+//! arrive as notifications that carry the change, applied to the view without a re-read when
+//! they follow on from it (a re-read otherwise, once per burst).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::{ExponentialBuilder, Retryable};
 use tokio::sync::{mpsc, watch};
-use tokio::time::{interval, MissedTickBehavior};
-use tokio_postgres::{Client, Notification};
+use tokio::time::{interval, Instant, MissedTickBehavior};
+use tokio_postgres::{Client, Notification, Statement};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MemberConfig;
 use crate::connect::{connect, DbConfig};
-use crate::error::{classify, Error, Result};
+use crate::error::{classify, Doing, Error, Result};
 use crate::member::timeout_ms;
+use crate::notification::Change;
+use crate::protocol::{CHANNEL, PROTOCOL_VERSION};
 use crate::view::{MemberInfo, MemberState, View};
 
-/// The NOTIFY channel of membership changes.
-pub const CHANNEL: &str = "shardlease";
+/// How many of the lowest slots look for crashed members. Their checks are spread evenly
+/// over the crash-check interval, so that the group as a whole checks this many times per
+/// interval.
+pub(crate) const CHECKERS: usize = 3;
 
-/// The assignment protocol this build speaks (jump hash + splitmix re-probing over S slots).
-pub const PROTOCOL_VERSION: i32 = 1;
+/// The statements a session runs every heartbeat or check, prepared once per connection.
+struct Prepared {
+    heartbeat: Statement,
+    needs_reap: Statement,
+    reap: Statement,
+    view: Statement,
+}
 
 /// A joined session: the connection that holds our lock, and what we joined as.
 pub(crate) struct Session {
     client: Client,
     notifications: mpsc::UnboundedReceiver<Notification>,
+    prepared: Prepared,
     slot: u32,
     incarnation: i64,
     lock_key: i32,
@@ -62,6 +80,10 @@ impl Driver {
         }
     }
 
+    fn who(&self) -> String {
+        format!("{}/{}", self.cfg.group, self.cfg.member_id)
+    }
+
     /// Connect, LISTEN and join; publish the first view.
     pub(crate) async fn open_session(&self) -> Result<Session> {
         let app = truncate(&format!(
@@ -69,15 +91,25 @@ impl Driver {
             self.cfg.group, self.cfg.member_id
         ));
         let (client, notifications) = connect(&self.pg, &app).await?;
+        // Every wait is bounded: a lock wait by a heartbeat, a statement by half the TTL, so
+        // that a slow statement never costs this member its lease.
         let lock_timeout = timeout_ms(self.cfg.heartbeat);
-        // Reaping may wait up to 2 s for a zombie backend to exit.
-        let statement_timeout = timeout_ms(self.cfg.statement_timeout() + Duration::from_secs(2));
+        let statement_timeout = timeout_ms(self.cfg.lease_ttl / 2);
         client
             .batch_execute(&format!(
                 "SET lock_timeout = {lock_timeout}; SET statement_timeout = {statement_timeout}; \
                  SET idle_in_transaction_session_timeout = {statement_timeout}; LISTEN {CHANNEL}"
             ))
-            .await?;
+            .await
+            .map_err(|e| {
+                classify(
+                    e,
+                    &self.cfg.group,
+                    &self.cfg.member_id,
+                    "setting up the session connection",
+                )
+            })?;
+        let prepared = self.prepare(&client).await?;
         let ttl = format!("{} milliseconds", self.cfg.lease_ttl.as_millis());
         let joined = client
             .query_one(
@@ -99,12 +131,18 @@ impl Driver {
                 let _ = client
                     .batch_execute("SELECT pg_advisory_unlock_all()")
                     .await;
-                return Err(classify(e, &self.cfg.group, &self.cfg.member_id));
+                return Err(classify(
+                    e,
+                    &self.cfg.group,
+                    &self.cfg.member_id,
+                    &format!("joining as {}", self.who()),
+                ));
             }
         };
         let session = Session {
             client,
             notifications,
+            prepared,
             slot: row.get::<_, i32>(0) as u32,
             incarnation: row.get(1),
             lock_key: row.get(3),
@@ -119,24 +157,50 @@ impl Driver {
         Ok(session)
     }
 
-    /// The member's life: react to notifications, heartbeats and crash checks until asked
-    /// to leave or abort; on a loss, rejoin with capped, jittered exponential backoff.
+    async fn prepare(&self, client: &Client) -> Result<Prepared> {
+        let prepare = |sql: &'static str| async move {
+            client.prepare(sql).await.map_err(|e| {
+                classify(
+                    e,
+                    &self.cfg.group,
+                    &self.cfg.member_id,
+                    "preparing the session's statements",
+                )
+            })
+        };
+        Ok(Prepared {
+            heartbeat: prepare(
+                "SELECT generation, suspect FROM shardlease.heartbeat($1::bigint, $2::integer[])",
+            )
+            .await?,
+            needs_reap: prepare("SELECT shardlease.needs_reap($1::text)").await?,
+            reap: prepare(
+                "SELECT member_id, slot, incarnation, reason, generation FROM shardlease.reap($1::text)",
+            )
+            .await?,
+            view: prepare(
+                "SELECT g.generation, g.slot_count, l.member_id, l.slot, l.incarnation \
+                 FROM shardlease.groups g \
+                 LEFT JOIN shardlease.leases l ON l.group_name = g.name \
+                 WHERE g.name = $1::text ORDER BY l.slot",
+            )
+            .await?,
+        })
+    }
+
+    /// The member's life: heartbeats, crash checks (when a checker) and notifications until
+    /// asked to leave or abort; on a loss, rejoin with capped, jittered exponential backoff.
     pub(crate) async fn run(self, first: Session) -> Result<()> {
-        // Members that joined together would check for crashes in step; spread their phases
-        // over the interval (by incarnation) so that, together, they look more often.
-        let period = self.cfg.crash_check;
-        let phase =
-            period.mul_f64((crate::hash::mix64(first.incarnation as u64) % 1024) as f64 / 1024.0);
         let mut session = Some(first);
         let mut heartbeat = interval(self.cfg.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut crash_check = tokio::time::interval_at(tokio::time::Instant::now() + phase, period);
-        crash_check.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut next_check: Option<Instant> = None;
         loop {
             let Some(s) = session.as_mut() else {
                 match self.rejoin().await {
                     Some(s) => {
                         session = Some(s);
+                        next_check = None;
                         continue;
                     }
                     None => {
@@ -145,6 +209,15 @@ impl Driver {
                     }
                 }
             };
+            // Checkers look for crashes at their own phase of the interval; others never.
+            let rank = self.checker_rank(s.slot);
+            if rank.is_none() {
+                next_check = None;
+            } else if next_check.is_none() {
+                next_check = rank.map(|r| next_phase(self.cfg.crash_check, r));
+            }
+            // Heartbeats come before notifications, so that a burst of changes can never
+            // hold off a renewal.
             let next = tokio::select! {
                 biased;
                 _ = self.abort.cancelled() => {
@@ -157,12 +230,15 @@ impl Driver {
                     self.publish_state(MemberState::Left);
                     return result;
                 }
+                _ = heartbeat.tick() => self.on_heartbeat(s).await,
+                _ = sleep_until(next_check), if next_check.is_some() => {
+                    next_check = rank.map(|r| next_phase(self.cfg.crash_check, r));
+                    self.on_crash_check(s).await
+                }
                 note = s.notifications.recv() => match note {
-                    Some(note) => self.on_notification(s, &note).await,
+                    Some(note) => self.on_notifications(s, note).await,
                     None => Next::Lost("the session connection closed".into()),
                 },
-                _ = heartbeat.tick() => self.on_heartbeat(s).await,
-                _ = crash_check.tick() => self.on_crash_check(s).await,
             };
             if let Next::Lost(reason) = next {
                 tracing::warn!(group = %self.cfg.group, member = %self.cfg.member_id, %reason, "lease lost; fenced work stops, rejoining");
@@ -175,64 +251,109 @@ impl Driver {
         }
     }
 
-    async fn on_notification(&self, s: &Session, note: &Notification) -> Next {
-        #[derive(serde::Deserialize)]
-        struct Payload {
-            group: String,
-            generation: u64,
+    /// This member's rank among the group's checkers (the lowest slots), if it is one.
+    fn checker_rank(&self, slot: u32) -> Option<usize> {
+        self.view
+            .borrow()
+            .members
+            .iter()
+            .take(CHECKERS)
+            .position(|m| m.slot == slot)
+    }
+
+    /// The checkers' slots other than ours: what our heartbeat probes.
+    fn probe_slots(&self, slot: u32) -> Vec<i32> {
+        self.view
+            .borrow()
+            .members
+            .iter()
+            .take(CHECKERS)
+            .filter(|m| m.slot != slot)
+            .map(|m| m.slot as i32)
+            .collect()
+    }
+
+    /// Handle `first` and every notification already queued behind it: changes that follow
+    /// on from the view are applied as they come; anything else costs one re-read in all.
+    async fn on_notifications(&self, s: &mut Session, first: Notification) -> Next {
+        let mut reread = false;
+        let mut note = Some(first);
+        while let Some(n) = note {
+            if let Some(change) = Change::parse(n.payload(), &self.cfg.group) {
+                let applied = self.view.send_if_modified(|v| {
+                    if change.generation <= v.generation {
+                        return false; // seen already
+                    }
+                    match change.apply(v, s.incarnation) {
+                        Some(next) => {
+                            *v = next;
+                            true
+                        }
+                        None => {
+                            reread = true;
+                            false
+                        }
+                    }
+                });
+                if applied {
+                    self.view_changed();
+                }
+            }
+            note = s.notifications.try_recv().ok();
         }
-        match serde_json::from_str::<Payload>(note.payload()) {
-            Ok(p) if p.group != self.cfg.group => return Next::Continue,
-            Ok(p) if p.generation == self.view.borrow().generation => return Next::Continue,
-            _ => {}
+        if reread {
+            return self.refresh_or_lose(s).await;
         }
-        self.refresh_or_lose(s).await
+        if self.view.borrow().is_joined() {
+            Next::Continue
+        } else {
+            Next::Lost("this member's lease is no longer in the group".into())
+        }
     }
 
     async fn on_heartbeat(&self, s: &Session) -> Next {
-        match s
+        let probe = self.probe_slots(s.slot);
+        let row = match s
             .client
-            .query_opt(
-                "SELECT generation FROM shardlease.renew($1)",
-                &[&s.incarnation],
-            )
+            .query_opt(&s.prepared.heartbeat, &[&s.incarnation, &probe])
             .await
         {
-            Ok(Some(row)) => {
-                let generation: i64 = row.get(0);
-                if generation as u64 != self.view.borrow().generation {
-                    // A change whose NOTIFY we did not see: re-read (I6).
-                    return self.refresh_or_lose(s).await;
-                }
-                Next::Continue
+            Ok(row) => row,
+            Err(e) => return self.db_error("renewing the lease", e),
+        };
+        let Some(row) = row else {
+            return Next::Lost("the lease could not be renewed: it expired or was reaped".into());
+        };
+        let generation: i64 = row.get(0);
+        let suspect: bool = row.get(1);
+        if suspect {
+            // A checker is gone or hung: reap in its place.
+            tracing::info!(group = %self.cfg.group, member = %self.cfg.member_id, checkers = ?probe, "a checker is gone or expired; reaping");
+            if let Next::Lost(reason) = self.reap(s).await {
+                return Next::Lost(reason);
             }
-            Ok(None) => {
-                Next::Lost("the lease could not be renewed: it expired or was reaped".into())
-            }
-            Err(e) => self.db_error("renew", e),
         }
+        if generation as u64 != self.view.borrow().generation {
+            // A change whose NOTIFY we did not see: re-read (I6).
+            return self.refresh_or_lose(s).await;
+        }
+        Next::Continue
     }
 
     async fn on_crash_check(&self, s: &Session) -> Next {
-        let needed = match s
-            .client
-            .query_one("SELECT shardlease.needs_reap($1)", &[&self.cfg.group])
-            .await
-        {
-            Ok(row) => row.get::<_, bool>(0),
-            Err(e) => return self.db_error("crash check", e),
-        };
-        if !needed {
-            return Next::Continue;
-        }
         match s
             .client
-            .query(
-                "SELECT member_id, slot, incarnation, reason, generation FROM shardlease.reap($1)",
-                &[&self.cfg.group],
-            )
+            .query_one(&s.prepared.needs_reap, &[&self.cfg.group])
             .await
         {
+            Ok(row) if row.get::<_, bool>(0) => self.reap(s).await,
+            Ok(_) => Next::Continue,
+            Err(e) => self.db_error("checking the group for crashed or expired members", e),
+        }
+    }
+
+    async fn reap(&self, s: &Session) -> Next {
+        match s.client.query(&s.prepared.reap, &[&self.cfg.group]).await {
             Ok(rows) => {
                 for row in &rows {
                     let member: &str = row.get(0);
@@ -248,16 +369,21 @@ impl Driver {
                     self.refresh_or_lose(s).await
                 }
             }
-            Err(e) => self.db_error("reap", e),
+            Err(e) => self.db_error("reaping crashed or expired members", e),
         }
     }
 
-    fn db_error(&self, what: &str, e: tokio_postgres::Error) -> Next {
-        if e.is_closed() || e.code().is_none() {
-            Next::Lost(format!("{what} failed: {e}"))
+    fn db_error(&self, doing: &str, e: tokio_postgres::Error) -> Next {
+        let err = Error::Db {
+            doing: format!("{doing} ({})", self.who()),
+            source: e,
+        };
+        let broken = matches!(&err, Error::Db { source, .. } if source.is_closed() || source.code().is_none());
+        if broken {
+            Next::Lost(err.to_string())
         } else {
             // Lock or statement timeout: bounded, try again at the next tick.
-            tracing::warn!(group = %self.cfg.group, member = %self.cfg.member_id, error = %e, "{what} failed; retrying at the next tick");
+            tracing::warn!(group = %self.cfg.group, member = %self.cfg.member_id, error = %err, "retrying at the next tick");
             Next::Continue
         }
     }
@@ -266,7 +392,7 @@ impl Driver {
         match self.refresh(s).await {
             Ok(()) if self.view.borrow().is_joined() => Next::Continue,
             Ok(()) => Next::Lost("this member's lease is no longer in the group".into()),
-            Err(Error::Db(e)) => self.db_error("view refresh", e),
+            Err(Error::Db { source, .. }) => self.db_error("re-reading the group's view", source),
             Err(e) => Next::Lost(e.to_string()),
         }
     }
@@ -275,14 +401,9 @@ impl Driver {
     async fn refresh(&self, s: &Session) -> Result<()> {
         let rows = s
             .client
-            .query(
-                "SELECT g.generation, g.slot_count, l.member_id, l.slot, l.incarnation \
-                 FROM shardlease.groups g \
-                 LEFT JOIN shardlease.leases l ON l.group_name = g.name \
-                 WHERE g.name = $1 ORDER BY l.slot",
-                &[&self.cfg.group],
-            )
-            .await?;
+            .query(&s.prepared.view, &[&self.cfg.group])
+            .await
+            .doing(|| format!("reading the view of {}", self.who()))?;
         let Some(first) = rows.first() else {
             return Err(Error::Fenced {
                 reason: crate::FenceReason::NoGroup,
@@ -329,16 +450,19 @@ impl Driver {
             }
         });
         if changed {
-            let v = self.view.borrow();
-            tracing::debug!(group = %v.group, member = %self.cfg.member_id, generation = v.generation, slot_count = v.slot_count, members = v.members.len(), "view changed");
-            metrics::gauge!("shardlease_generation", "group" => v.group.clone())
-                .set(v.generation as f64);
-            metrics::gauge!("shardlease_members", "group" => v.group.clone())
-                .set(v.members.len() as f64);
-            metrics::counter!("shardlease_view_changes_total", "group" => v.group.clone())
-                .increment(1);
+            self.view_changed();
         }
         Ok(())
+    }
+
+    fn view_changed(&self) {
+        let v = self.view.borrow();
+        tracing::debug!(group = %v.group, member = %self.cfg.member_id, generation = v.generation, slot_count = v.slot_count, members = v.members.len(), "view changed");
+        metrics::gauge!("shardlease_generation", "group" => v.group.clone())
+            .set(v.generation as f64);
+        metrics::gauge!("shardlease_members", "group" => v.group.clone())
+            .set(v.members.len() as f64);
+        metrics::counter!("shardlease_view_changes_total", "group" => v.group.clone()).increment(1);
     }
 
     fn publish_state(&self, state: MemberState) {
@@ -384,16 +508,40 @@ impl Driver {
         let generation: Option<i64> = s
             .client
             .query_one("SELECT shardlease.leave($1)", &[&s.incarnation])
-            .await?
+            .await
+            .doing(|| format!("leaving as {}", self.who()))?
             .get(0);
         s.client
             .execute(
                 "SELECT pg_advisory_unlock($1, $2)",
                 &[&s.lock_key, &(s.slot as i32)],
             )
-            .await?;
+            .await
+            .doing(|| format!("releasing the slot lock of {}", self.who()))?;
         tracing::info!(group = %self.cfg.group, member = %self.cfg.member_id, slot = s.slot, ?generation, "left");
         Ok(())
+    }
+}
+
+/// The next instant at checker `rank`'s phase of `period`: checkers divide the period evenly
+/// by the wall clock, so that together they check every `period / CHECKERS`. Only a schedule:
+/// clocks that disagree make the checks less even, never less safe.
+fn next_phase(period: Duration, rank: usize) -> Instant {
+    let period_ns = period.as_nanos().max(1);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let offset = period_ns * rank as u128 / CHECKERS as u128;
+    let phase = (now + period_ns - offset) % period_ns;
+    let wait = period_ns - phase;
+    Instant::now() + Duration::from_nanos(wait as u64)
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

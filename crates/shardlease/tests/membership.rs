@@ -376,49 +376,97 @@ async fn fenced_write_is_rejected_after_a_membership_change() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_open_fenced_write_commits_before_the_next_generation() {
+async fn a_long_fenced_transaction_neither_delays_a_join_nor_commits_after_it() {
     let db = TestDb::migrated().await;
     let admin = db.client().await;
     admin
-        .batch_execute(
-            "CREATE TABLE log (generation bigint, at timestamptz default clock_timestamp())",
-        )
+        .batch_execute("CREATE TABLE log (generation bigint)")
         .await
         .unwrap();
     let a = Member::join(&db.pg, fast("g", "a")).await.unwrap();
     let view = a.view();
     let mut work = db.client().await;
     let tx = view.fence().unwrap().begin(&mut work).await.unwrap();
-    // A joiner must wait for the open fenced transaction: it needs the group row FOR UPDATE.
-    let pg = db.pg.clone();
-    let joiner = tokio::spawn(async move { Member::join(&pg, fast("g", "b")).await });
-    tokio::time::sleep(Duration::from_millis(100)).await; // give the joiner time to block
-    assert!(
-        !joiner.is_finished(),
-        "the join waits for the fenced transaction"
-    );
     tx.execute(
         "INSERT INTO log (generation) VALUES ($1)",
         &[&(view.generation as i64)],
     )
     .await
     .unwrap();
-    tx.commit().await.unwrap();
-    let b = joiner.await.unwrap().unwrap();
-    let (write_at, change_at): (std::time::SystemTime, std::time::SystemTime) = {
-        let r = admin
-            .query_one(
-                "SELECT (SELECT at FROM log), (SELECT changed_at FROM shardlease.groups)",
-                &[],
-            )
-            .await
-            .unwrap();
-        (r.get(0), r.get(1))
-    };
+    // The fenced transaction stays open: a joiner does not wait for it.
+    let started = Instant::now();
+    let b = tokio::time::timeout(WAIT, Member::join(&db.pg, fast("g", "b")))
+        .await
+        .expect("the join completes while a fenced transaction is open")
+        .unwrap();
+    let joined_in = started.elapsed();
+    println!("join beside an open fenced transaction took {joined_in:?}");
     assert!(
-        write_at < change_at,
-        "generation G's write committed before G+1"
+        joined_in < Duration::from_secs(1),
+        "the join waited for the open fenced transaction: {joined_in:?}"
     );
+    // The write computed under G cannot commit once G+1 has.
+    match tx.commit().await {
+        Err(Error::Fenced {
+            reason: FenceReason::StaleGeneration,
+            expected,
+            current,
+        }) => {
+            assert_eq!(expected, view.generation);
+            assert_eq!(current, Some(view.generation + 1));
+        }
+        other => panic!("expected a stale-generation refusal at commit, got {other:?}"),
+    }
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM log", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "nothing of the refused transaction committed");
+    // The connection is usable again, and a fresh view commits.
+    let fresh = wait_members(&a, 2, "b joined").await;
+    let tx = fresh.fence().unwrap().begin(&mut work).await.unwrap();
+    tx.execute(
+        "INSERT INTO log (generation) VALUES ($1)",
+        &[&(fresh.generation as i64)],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let logged: Vec<i64> = admin
+        .query("SELECT generation FROM log", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(logged, [fresh.generation as i64]);
+    b.leave().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeatable_read_fenced_transaction_is_refused_after_a_change() {
+    let db = TestDb::migrated().await;
+    let admin = db.client().await;
+    admin.batch_execute("CREATE TABLE t (n int)").await.unwrap();
+    let a = Member::join(&db.pg, fast("g", "a")).await.unwrap();
+    let view = a.view();
+    let mut work = db.client().await;
+    // A repeatable-read snapshot taken before the change must not pass the commit check.
+    work.batch_execute("SET default_transaction_isolation = 'repeatable read'")
+        .await
+        .unwrap();
+    let tx = view.fence().unwrap().begin(&mut work).await.unwrap();
+    tx.execute("INSERT INTO t VALUES (1)", &[]).await.unwrap();
+    let b = Member::join(&db.pg, fast("g", "b")).await.unwrap();
+    let err = tx.commit().await.expect_err("refused");
+    assert!(err.is_fenced(), "{err:?}");
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
     b.leave().await.unwrap();
 }
 
