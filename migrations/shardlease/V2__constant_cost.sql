@@ -31,73 +31,148 @@ COMMENT ON FUNCTION shardlease.slot_locks(integer) IS
 -- backend no longer holds the slot lock. One pg_locks scan.
 CREATE FUNCTION shardlease.dead_leases(p_group text)
 RETURNS TABLE (incarnation bigint, slot integer, backend_pid integer, reason text)
-LANGUAGE sql STABLE AS $$
-  WITH held AS MATERIALIZED (
-    SELECT k.slot, k.pid
-      FROM shardlease.groups g, shardlease.slot_locks(g.lock_key) k
-     WHERE g.name = p_group)
-  SELECT l.incarnation, l.slot, l.backend_pid,
-         CASE WHEN l.expires_at <= clock_timestamp() THEN 'expired' ELSE 'disconnected' END
-    FROM shardlease.leases l
-    LEFT JOIN held h ON h.slot = l.slot AND h.pid = l.backend_pid
-   WHERE l.group_name = p_group
-     AND (l.expires_at <= clock_timestamp() OR h.pid IS NULL)
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  -- plpgsql, not sql: its plan is cached, where a non-inlined sql function is planned per call.
+  RETURN QUERY
+    WITH held AS MATERIALIZED (
+      SELECT k.slot, k.pid
+        FROM shardlease.groups g, shardlease.slot_locks(g.lock_key) k
+       WHERE g.name = p_group)
+    SELECT l.incarnation, l.slot, l.backend_pid,
+           CASE WHEN l.expires_at <= clock_timestamp() THEN 'expired' ELSE 'disconnected' END
+      FROM shardlease.leases l
+      LEFT JOIN held h ON h.slot = l.slot AND h.pid = l.backend_pid
+     WHERE l.group_name = p_group
+       AND (l.expires_at <= clock_timestamp() OR h.pid IS NULL);
+END
 $$;
 COMMENT ON FUNCTION shardlease.dead_leases(text) IS
   'The group''s dead leases: expired by the database clock, or disconnected (the backend no longer holds the slot lock). One pg_locks scan.';
 
 CREATE OR REPLACE FUNCTION shardlease.needs_reap(p_group text)
-RETURNS boolean LANGUAGE sql STABLE AS $$
-  SELECT EXISTS (SELECT 1 FROM shardlease.dead_leases(p_group))
+RETURNS boolean LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  RETURN EXISTS (SELECT 1 FROM shardlease.dead_leases(p_group));
+END
 $$;
 COMMENT ON FUNCTION shardlease.needs_reap(text) IS
   'True when the group has a lease that is expired or whose member''s advisory lock is gone. Lock-free; one pg_locks scan. The group''s checkers poll it.';
 
--- Membership changes announce themselves with the change, so that a member whose view is at
--- generation "prev" can apply it without a re-read.
-CREATE OR REPLACE FUNCTION shardlease.notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
+-- Announcements. Every change made by a shardlease function is queued on its group row
+-- (unannounced) and announced with NOTIFY, carrying the changes since the last announcement
+-- and the generation they apply to (prev), so that members keep their view current without
+-- a re-read. Departures are announced at once. Joins are announced at most once per
+-- announce_gap: a burst of N joins must not wake every member N times (at 1,000 members a
+-- cold start would cost half a million wake-ups); the group's checkers flush what is left.
+ALTER TABLE shardlease.groups
+  ADD COLUMN announced_generation bigint NOT NULL DEFAULT 0,
+  ADD COLUMN announced_at timestamptz NOT NULL DEFAULT '-infinity',
+  ADD COLUMN unannounced jsonb NOT NULL DEFAULT '[]'::jsonb;
+UPDATE shardlease.groups SET announced_generation = generation;
+COMMENT ON COLUMN shardlease.groups.announced_generation IS
+  'The generation the last NOTIFY announced; changes after it are queued in unannounced.';
+COMMENT ON COLUMN shardlease.groups.announced_at IS 'When the last NOTIFY was sent (database clock).';
+COMMENT ON COLUMN shardlease.groups.unannounced IS
+  'Changes since announced_generation, oldest first, not yet announced: {"join":{...}} or {"gone":[...]}, or null for a change that carries no detail.';
+
+-- The interval between two join announcements of one group.
+CREATE FUNCTION shardlease.announce_gap() RETURNS interval LANGUAGE sql IMMUTABLE AS $$
+  SELECT interval '100 milliseconds'
+$$;
+COMMENT ON FUNCTION shardlease.announce_gap() IS
+  'The least interval between two announcements of joins in one group: joins in between are announced together.';
+
+-- NOTIFY the group's unannounced changes and mark them announced. The caller holds the
+-- group row locked (FOR UPDATE).
+CREATE FUNCTION shardlease.announce(p_group text, p_kind text) RETURNS void
+LANGUAGE plpgsql AS $$
 DECLARE
-  v_kind text := coalesce(nullif(current_setting('shardlease.change_kind', true), ''), 'change');
-  v_delta text := nullif(current_setting('shardlease.change_delta', true), '');
+  g shardlease.groups;
   v_payload text;
 BEGIN
+  SELECT * INTO g FROM shardlease.groups WHERE name = p_group;
   v_payload := json_build_object(
-    'group', NEW.name, 'generation', NEW.generation, 'kind', v_kind,
-    'prev', OLD.generation, 'slot_count', NEW.slot_count, 'delta', v_delta::json)::text;
+    'group', g.name, 'generation', g.generation, 'kind', p_kind,
+    'prev', g.announced_generation, 'slot_count', g.slot_count,
+    'deltas', CASE WHEN jsonb_path_exists(g.unannounced, '$[*] ? (@ == null)') THEN NULL
+                   ELSE g.unannounced END)::text;
   IF octet_length(v_payload) > 7900 THEN
-    -- Too large for a notification: send the hint only; members re-read.
-    v_payload := json_build_object('group', NEW.name, 'generation', NEW.generation, 'kind', v_kind)::text;
+    -- Too large for a notification: a hint only; members re-read.
+    v_payload := json_build_object('group', g.name, 'generation', g.generation, 'kind', p_kind)::text;
   END IF;
   PERFORM pg_notify('shardlease', v_payload);
+  UPDATE shardlease.groups
+     SET announced_generation = generation, announced_at = clock_timestamp(), unannounced = '[]'
+   WHERE name = p_group;
+END
+$$;
+COMMENT ON FUNCTION shardlease.announce(text, text) IS
+  'Internal: NOTIFY shardlease with {"group","generation","kind","prev","slot_count","deltas"}: the changes since generation prev (deltas is null when one of them carries no detail), and mark them announced. The caller holds the group row FOR UPDATE.';
+
+-- Announce a group's queued changes once announce_gap has passed since the last
+-- announcement. Called by the group's checkers; skips (and returns false) while a
+-- membership change holds the row: that change announces.
+CREATE FUNCTION shardlease.flush_announcements(p_group text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM 1 FROM shardlease.groups g
+   WHERE g.name = p_group AND g.announced_generation <> g.generation
+     AND g.announced_at <= clock_timestamp() - shardlease.announce_gap()
+     FOR UPDATE SKIP LOCKED;
+  IF NOT FOUND THEN
+    RETURN false;
+  END IF;
+  PERFORM shardlease.announce(p_group, 'join');
+  RETURN true;
+END
+$$;
+COMMENT ON FUNCTION shardlease.flush_announcements(text) IS
+  'Announce the group''s queued changes if the last announcement is at least announce_gap old; the group''s checkers call it. True when it announced.';
+
+-- Hand edits of the generation are announced as a hint (members re-read); the library's
+-- own changes announce themselves.
+CREATE OR REPLACE FUNCTION shardlease.notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF coalesce(current_setting('shardlease.in_change', true), '') = 'on' THEN
+    RETURN NULL;
+  END IF;
+  PERFORM pg_notify('shardlease', json_build_object(
+    'group', NEW.name, 'generation', NEW.generation, 'kind', 'change')::text);
   RETURN NULL;
 END
 $$;
 COMMENT ON FUNCTION shardlease.notify_change() IS
-  'Trigger: NOTIFY shardlease with {"group","generation","kind","prev","slot_count","delta"} whenever a group''s generation changes; delta (the joined member, or the departed slots and incarnations) is present when the change came from a shardlease function and fits in a notification.';
+  'Trigger: NOTIFY shardlease with {"group","generation","kind":"change"} when a group''s generation is changed by hand; the library''s own changes are announced by shardlease.announce.';
 
--- Bump the generation of a group whose row the caller holds FOR UPDATE, announcing p_delta.
+-- Bump the generation of a group whose row the caller holds FOR UPDATE, and queue p_delta
+-- for announcement: at once for a departure, within announce_gap for a join.
 CREATE FUNCTION shardlease.bump(p_group text, p_slot_count integer, p_kind text, p_delta jsonb)
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
   v_generation bigint;
   v_lock_key integer;
+  v_announced_at timestamptz;
 BEGIN
   SELECT g.lock_key INTO v_lock_key FROM shardlease.groups g WHERE g.name = p_group;
   -- Fenced transactions hold (lock_key, -1) shared while they commit: wait for those, and
   -- keep new ones out until this change has committed.
   PERFORM pg_advisory_xact_lock(v_lock_key, -1);
-  PERFORM set_config('shardlease.change_kind', p_kind, true);
-  PERFORM set_config('shardlease.change_delta', coalesce(p_delta::text, ''), true);
+  PERFORM set_config('shardlease.in_change', 'on', true);
   UPDATE shardlease.groups
-     SET generation = generation + 1, slot_count = p_slot_count, changed_at = clock_timestamp()
+     SET generation = generation + 1, slot_count = p_slot_count, changed_at = clock_timestamp(),
+         unannounced = unannounced || jsonb_build_array(p_delta)
    WHERE name = p_group
-  RETURNING generation INTO v_generation;
-  PERFORM set_config('shardlease.change_delta', '', true);
+  RETURNING generation, announced_at INTO v_generation, v_announced_at;
+  PERFORM set_config('shardlease.in_change', '', true);
+  IF p_kind <> 'join' OR v_announced_at <= clock_timestamp() - shardlease.announce_gap() THEN
+    PERFORM shardlease.announce(p_group, p_kind);
+  END IF;
   RETURN v_generation;
 END
 $$;
 COMMENT ON FUNCTION shardlease.bump(text, integer, text, jsonb) IS
-  'Internal: bump a group''s generation and set its slot count, announcing the change p_delta; waits for fenced transactions that are committing. The caller holds the group row FOR UPDATE.';
+  'Internal: bump a group''s generation and set its slot count, queue the change p_delta and announce (departures at once, joins at most once per announce_gap); waits for fenced transactions that are committing. The caller holds the group row FOR UPDATE.';
 
 CREATE OR REPLACE FUNCTION shardlease.terminate_expired(p_group text)
 RETURNS integer LANGUAGE plpgsql AS $$
@@ -137,7 +212,10 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION shardlease.reap_locked(p_group text, p_lock_key integer, p_slot_count integer)
+-- Delete the given leases of a group whose row the caller holds FOR UPDATE, shrink S and
+-- bump the generation once. Returns the deleted leases.
+CREATE FUNCTION shardlease.delete_leases(p_group text, p_slot_count integer,
+                                         p_incarnations bigint[], p_reasons text[])
 RETURNS TABLE (member_id text, slot integer, incarnation bigint, reason text, generation bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -147,9 +225,9 @@ DECLARE
   v_reasons text[];
   v_generation bigint;
 BEGIN
-  WITH dead AS MATERIALIZED (SELECT * FROM shardlease.dead_leases(p_group)),
-  gone AS (
-    DELETE FROM shardlease.leases l USING dead d
+  WITH gone AS (
+    DELETE FROM shardlease.leases l
+     USING unnest(p_incarnations, p_reasons) AS d(incarnation, reason)
      WHERE l.group_name = p_group AND l.incarnation = d.incarnation
     RETURNING l.member_id, l.slot, l.incarnation, d.reason)
   SELECT array_agg(x.member_id ORDER BY x.slot), array_agg(x.slot ORDER BY x.slot),
@@ -166,6 +244,47 @@ BEGIN
       FROM unnest(v_members, v_slots, v_incarnations, v_reasons) AS u(m, s, i, r);
 END
 $$;
+COMMENT ON FUNCTION shardlease.delete_leases(text, integer, bigint[], text[]) IS
+  'Internal: delete the given leases (by incarnation, with the reason to report), shrink S and bump the generation once; the caller holds the group row FOR UPDATE.';
+
+CREATE OR REPLACE FUNCTION shardlease.reap_locked(p_group text, p_lock_key integer, p_slot_count integer)
+RETURNS TABLE (member_id text, slot integer, incarnation bigint, reason text, generation bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+  v_incarnations bigint[];
+  v_reasons text[];
+BEGIN
+  SELECT array_agg(d.incarnation), array_agg(d.reason) INTO v_incarnations, v_reasons
+    FROM shardlease.dead_leases(p_group) d;
+  IF v_incarnations IS NULL THEN
+    RETURN;
+  END IF;
+  RETURN QUERY SELECT * FROM shardlease.delete_leases(p_group, p_slot_count, v_incarnations, v_reasons);
+END
+$$;
+
+-- What a joiner reaps, without a pg_locks scan: expired leases, and, when their slot lock
+-- is free, its own member id's earlier lease and the checkers' (the lowest slots). Finding
+-- other crashed members is the checkers' work.
+CREATE FUNCTION shardlease.joiner_reapable(p_group text, p_member text)
+RETURNS TABLE (incarnation bigint, reason text)
+LANGUAGE plpgsql AS $$
+BEGIN
+  RETURN QUERY
+    SELECT l.incarnation,
+           CASE WHEN l.expires_at <= clock_timestamp() THEN 'expired' ELSE 'disconnected' END
+      FROM shardlease.leases l JOIN shardlease.groups g ON g.name = l.group_name
+     WHERE l.group_name = p_group
+       AND (l.expires_at <= clock_timestamp()
+            OR ((l.member_id = p_member
+                 OR l.slot IN (SELECT c.slot FROM shardlease.leases c
+                                WHERE c.group_name = p_group ORDER BY c.slot LIMIT 3))
+                -- free only when its member is gone; released when this transaction ends
+                AND pg_try_advisory_xact_lock_shared(g.lock_key, l.slot)));
+END
+$$;
+COMMENT ON FUNCTION shardlease.joiner_reapable(text, text) IS
+  'Internal: the leases a joiner reaps: expired ones, and its own member id''s and the checkers'' (three lowest slots) when their slot lock is free. No pg_locks scan.';
 
 CREATE OR REPLACE FUNCTION shardlease.reap(p_group text)
 RETURNS TABLE (member_id text, slot integer, incarnation bigint, reason text, generation bigint)
@@ -196,13 +315,19 @@ DECLARE
   v_incarnation bigint;
   v_generation bigint;
   v_expires timestamptz;
+  v_reap bigint[];
+  v_reasons text[];
 BEGIN
   INSERT INTO shardlease.groups (name, protocol_version) VALUES (p_group, p_protocol)
     ON CONFLICT (name) DO NOTHING;
   SELECT * INTO g FROM shardlease.groups WHERE name = p_group FOR UPDATE;
   PERFORM shardlease.terminate_expired(p_group);
-  PERFORM shardlease.reap_locked(p_group, g.lock_key, g.slot_count);
-  SELECT * INTO g FROM shardlease.groups WHERE name = p_group;
+  SELECT array_agg(r.incarnation), array_agg(r.reason) INTO v_reap, v_reasons
+    FROM shardlease.joiner_reapable(p_group, p_member) r;
+  IF v_reap IS NOT NULL THEN
+    PERFORM shardlease.delete_leases(p_group, g.slot_count, v_reap, v_reasons);
+    SELECT * INTO g FROM shardlease.groups WHERE name = p_group;
+  END IF;
 
   IF g.protocol_version <> p_protocol THEN
     IF EXISTS (SELECT 1 FROM shardlease.leases l WHERE l.group_name = p_group) THEN
@@ -264,49 +389,46 @@ $$;
 
 DROP FUNCTION shardlease.bump(text, integer, text);
 
--- The heartbeat: renew the lease, and probe the checkers' slot locks.
-CREATE FUNCTION shardlease.heartbeat(p_incarnation bigint, p_probe_slots integer[])
+-- The heartbeat: renew the lease when it runs low, and probe the checkers' slot locks.
+-- Mostly read-only: a heartbeat writes (and commits asynchronously) only when less than
+-- p_renew_below is left on the lease, so that a member costs about one cheap read per beat.
+CREATE FUNCTION shardlease.heartbeat(p_incarnation bigint, p_probe_slots integer[],
+                                     p_renew_below interval)
 RETURNS TABLE (expires_at timestamptz, generation bigint, suspect boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
-  v_group text;
-  v_own_slot integer;
-  v_expires timestamptz;
-  v_generation bigint;
-  v_lock_key integer;
-  v_slot integer;
+  l record;
   v_suspect boolean := false;
 BEGIN
-  -- A lost heartbeat costs nothing that matters (see the file header): skip the WAL flush.
-  PERFORM set_config('synchronous_commit', 'off', true);
-  UPDATE shardlease.leases l
-     SET renewed_at = clock_timestamp(), expires_at = clock_timestamp() + l.ttl
-   WHERE l.incarnation = p_incarnation AND l.expires_at > clock_timestamp()
-     AND l.backend_pid = pg_backend_pid()
-  RETURNING l.expires_at, l.group_name, l.slot INTO v_expires, v_group, v_own_slot;
+  SELECT le.group_name, le.slot, le.expires_at, le.ttl, g.generation, g.lock_key INTO l
+    FROM shardlease.leases le JOIN shardlease.groups g ON g.name = le.group_name
+   WHERE le.incarnation = p_incarnation AND le.backend_pid = pg_backend_pid()
+     AND le.expires_at > clock_timestamp();
   IF NOT FOUND THEN
     RETURN;
   END IF;
-  SELECT g.generation, g.lock_key INTO v_generation, v_lock_key
-    FROM shardlease.groups g WHERE g.name = v_group;
-  FOREACH v_slot IN ARRAY coalesce(p_probe_slots, '{}'::integer[]) LOOP
-    CONTINUE WHEN v_slot = v_own_slot;
+  IF l.expires_at - clock_timestamp() < p_renew_below THEN
+    -- Losing a renewal in a server crash costs nothing: the crash ends every session anyway.
+    PERFORM set_config('synchronous_commit', 'off', true);
+    UPDATE shardlease.leases le
+       SET renewed_at = clock_timestamp(), expires_at = clock_timestamp() + le.ttl
+     WHERE le.incarnation = p_incarnation
+    RETURNING le.expires_at INTO l.expires_at;
+  END IF;
+  IF cardinality(p_probe_slots) > 0 THEN
     -- A live member holds its slot lock exclusively, so a shared try-lock succeeds only when
-    -- it is gone (released at the end of this transaction).
-    IF pg_try_advisory_xact_lock_shared(v_lock_key, v_slot) THEN
-      v_suspect := v_suspect OR EXISTS (
-        SELECT 1 FROM shardlease.leases l WHERE l.group_name = v_group AND l.slot = v_slot);
-    END IF;
-  END LOOP;
-  v_suspect := v_suspect OR EXISTS (
-    SELECT 1 FROM shardlease.leases l
-     WHERE l.group_name = v_group AND l.slot = ANY (p_probe_slots)
-       AND l.expires_at <= clock_timestamp());
-  RETURN QUERY SELECT v_expires, v_generation, v_suspect;
+    -- it is gone (and is released at the end of this transaction).
+    SELECT EXISTS (
+      SELECT 1 FROM shardlease.leases le
+       WHERE le.group_name = l.group_name AND le.slot = ANY (p_probe_slots) AND le.slot <> l.slot
+         AND (le.expires_at <= clock_timestamp()
+              OR pg_try_advisory_xact_lock_shared(l.lock_key, le.slot))) INTO v_suspect;
+  END IF;
+  RETURN QUERY SELECT l.expires_at, l.generation, v_suspect;
 END
 $$;
-COMMENT ON FUNCTION shardlease.heartbeat(bigint, integer[]) IS
-  'Heartbeat: extend a live lease by its ttl on the database clock (asynchronous commit), return the group''s generation, and probe the slot locks of p_probe_slots (the checkers): suspect is true when one of them is gone or expired. No row back means the lease is lost.';
+COMMENT ON FUNCTION shardlease.heartbeat(bigint, integer[], interval) IS
+  'Heartbeat: when less than p_renew_below is left, extend a live lease by its ttl on the database clock (asynchronous commit); return the group''s generation, and probe the slot locks of p_probe_slots (the checkers): suspect is true when one of them is gone or expired. No row back means the lease is lost.';
 
 -- Fenced transactions, step 1: the first statement. Checks without locking anything of the
 -- group, so that a stale view fails fast.

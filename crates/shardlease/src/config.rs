@@ -117,6 +117,15 @@ impl MemberConfig {
         Ok(())
     }
 
+    /// A heartbeat writes the lease only when less than this is left of it: after one and a
+    /// half heartbeats, so that renewals write every other beat and a member still survives
+    /// two failed heartbeats in a row (the TTL exceeds two heartbeats).
+    pub(crate) fn renew_below_ms(&self) -> i64 {
+        self.lease_ttl
+            .saturating_sub(self.heartbeat.mul_f64(1.5))
+            .as_millis() as i64
+    }
+
     /// The bound on any single statement or lock wait of this member's coordination work,
     /// and on a fenced transaction: the lease TTL.
     pub(crate) fn statement_timeout(&self) -> Duration {

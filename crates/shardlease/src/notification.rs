@@ -2,14 +2,14 @@
 
 use crate::view::{MemberInfo, MemberState, View};
 
-/// A change announced on [`CHANNEL`](crate::protocol::CHANNEL).
+/// An announcement on [`CHANNEL`](crate::protocol::CHANNEL): the changes from generation
+/// `prev` to `generation`, when the payload carries them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Change {
     pub generation: u64,
-    /// The generation the change applies to, when the payload carries the change itself.
     prev: Option<u64>,
     slot_count: Option<u32>,
-    delta: Option<Delta>,
+    deltas: Option<Vec<Delta>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -29,7 +29,7 @@ struct Payload {
     generation: u64,
     prev: Option<u64>,
     slot_count: Option<u32>,
-    delta: Option<Delta>,
+    deltas: Option<Vec<Delta>>,
 }
 
 impl Change {
@@ -41,52 +41,93 @@ impl Change {
             generation: p.generation,
             prev: p.prev,
             slot_count: p.slot_count,
-            delta: p.delta,
+            deltas: p.deltas,
         })
     }
 
-    /// The view after this change, when it carries the change and follows on from `view`;
-    /// `None` means: re-read the tables. `incarnation` is the member's own: a change that
-    /// removes it makes the member lost.
-    pub fn apply(&self, view: &View, incarnation: i64) -> Option<View> {
-        if self.prev != Some(view.generation) {
-            return None;
+    /// Apply these changes to `view` in place, when the payload carries them and they follow
+    /// on from `view`; `false` (and `view` untouched) means: re-read the tables.
+    /// `incarnation` is the member's own: a change that removes it makes the member lost. No
+    /// copy of the view is made: at a thousand members, every member applies every change.
+    pub fn apply(&self, view: &mut View, incarnation: i64) -> bool {
+        let (Some(deltas), Some(slot_count)) = (self.deltas.as_ref(), self.slot_count) else {
+            return false;
+        };
+        if self.prev != Some(view.generation) || !self.consistent(view, deltas, slot_count) {
+            return false;
         }
-        let (delta, slot_count) = (self.delta.as_ref()?, self.slot_count?);
-        let mut next = view.clone();
-        next.generation = self.generation;
-        next.slot_count = slot_count;
-        match delta {
-            Delta::Join {
-                member,
-                slot,
-                incarnation,
-            } => {
-                next.members.retain(|m| m.slot != *slot);
-                let at = next.members.partition_point(|m| m.slot < *slot);
-                next.members.insert(
-                    at,
-                    MemberInfo {
-                        member_id: member.clone(),
-                        slot: *slot,
-                        incarnation: *incarnation,
-                    },
-                );
+        for delta in deltas {
+            match delta {
+                Delta::Join {
+                    member,
+                    slot,
+                    incarnation,
+                } => {
+                    let at = view.members.partition_point(|m| m.slot < *slot);
+                    view.members.insert(
+                        at,
+                        MemberInfo {
+                            member_id: member.clone(),
+                            slot: *slot,
+                            incarnation: *incarnation,
+                        },
+                    );
+                }
+                Delta::Gone(gone) => view.members.retain(|m| !gone.contains(&m.incarnation)),
             }
-            Delta::Gone(gone) => {
-                next.members.retain(|m| !gone.contains(&m.incarnation));
-                if gone.contains(&incarnation) {
-                    next.state = MemberState::Lost {
-                        reason: "this member's lease is no longer in the group".into(),
-                    };
+        }
+        if !view.members.iter().any(|m| m.incarnation == incarnation) {
+            view.state = MemberState::Lost {
+                reason: "this member's lease is no longer in the group".into(),
+            };
+        }
+        view.generation = self.generation;
+        view.slot_count = slot_count;
+        true
+    }
+
+    /// Whether applying `deltas` to `view` leaves what the tables guarantee: one member per
+    /// slot, every slot below the slot count. Checked before anything changes, so that a
+    /// hand-edited table means a re-read, never a half-applied view.
+    fn consistent(&self, view: &View, deltas: &[Delta], slot_count: u32) -> bool {
+        let gone: Vec<i64> = deltas
+            .iter()
+            .filter_map(|d| match d {
+                Delta::Gone(g) => Some(g.iter().copied()),
+                Delta::Join { .. } => None,
+            })
+            .flatten()
+            .collect();
+        let stays = |incarnation: i64| !gone.contains(&incarnation);
+        // The highest slot that stays (members are sorted by slot).
+        let top = view
+            .members
+            .iter()
+            .rev()
+            .find(|m| stays(m.incarnation))
+            .map(|m| m.slot);
+        if top.is_some_and(|slot| slot >= slot_count) {
+            return false;
+        }
+        let mut added: Vec<u32> = Vec::new();
+        for d in deltas {
+            if let Delta::Join {
+                slot, incarnation, ..
+            } = d
+            {
+                let taken = view
+                    .members
+                    .binary_search_by_key(slot, |m| m.slot)
+                    .is_ok_and(|i| stays(view.members[i].incarnation));
+                if stays(*incarnation) {
+                    if *slot >= slot_count || taken || added.contains(slot) {
+                        return false;
+                    }
+                    added.push(*slot);
                 }
             }
         }
-        // The tables keep every slot below S; a change that says otherwise is not trusted.
-        if next.members.iter().any(|m| m.slot >= next.slot_count) {
-            return None;
-        }
-        Some(next)
+        true
     }
 }
 
@@ -120,11 +161,12 @@ mod tests {
         let v = view(4, &[(0, 1), (2, 3)]);
         let c = Change::parse(
             r#"{"group":"g","generation":5,"kind":"join","prev":4,"slot_count":3,
-                "delta":{"join":{"member":"m7","slot":1,"incarnation":7}}}"#,
+                "deltas":[{"join":{"member":"m7","slot":1,"incarnation":7}}]}"#,
             "g",
         )
         .unwrap();
-        let next = c.apply(&v, 1).unwrap();
+        let mut next = v.clone();
+        assert!(c.apply(&mut next, 1));
         assert_eq!(next.generation, 5);
         let slots: Vec<(u32, i64)> = next
             .members
@@ -136,35 +178,68 @@ mod tests {
     }
 
     #[test]
-    fn departures_shrink_the_view_and_our_own_makes_us_lost() {
-        let v = view(4, &[(0, 1), (1, 2), (2, 3)]);
+    fn a_burst_is_applied_in_order() {
+        let v = view(4, &[(0, 1), (1, 2)]);
         let c = Change::parse(
-            r#"{"group":"g","generation":5,"kind":"reap","prev":4,"slot_count":2,"delta":{"gone":[3]}}"#,
+            r#"{"group":"g","generation":7,"kind":"leave","prev":4,"slot_count":3,"deltas":[
+                {"join":{"member":"a","slot":2,"incarnation":5}},
+                {"gone":[2]},
+                {"join":{"member":"b","slot":1,"incarnation":6}}]}"#,
             "g",
         )
         .unwrap();
-        let next = c.apply(&v, 1).unwrap();
+        let mut next = v.clone();
+        assert!(c.apply(&mut next, 1));
+        let slots: Vec<(u32, i64)> = next
+            .members
+            .iter()
+            .map(|m| (m.slot, m.incarnation))
+            .collect();
+        assert_eq!(slots, [(0, 1), (1, 6), (2, 5)]);
+        assert_eq!((next.generation, next.slot_count), (7, 3));
+    }
+
+    #[test]
+    fn departures_shrink_the_view_and_our_own_makes_us_lost() {
+        let v = view(4, &[(0, 1), (1, 2), (2, 3)]);
+        let c = Change::parse(
+            r#"{"group":"g","generation":5,"kind":"reap","prev":4,"slot_count":2,"deltas":[{"gone":[3]}]}"#,
+            "g",
+        )
+        .unwrap();
+        let mut next = v.clone();
+        assert!(c.apply(&mut next, 1));
         assert_eq!(next.members.len(), 2);
         assert_eq!(next.slot_count, 2);
         assert!(next.is_joined());
         let c = Change::parse(
-            r#"{"group":"g","generation":5,"kind":"leave","prev":4,"slot_count":3,"delta":{"gone":[1]}}"#,
+            r#"{"group":"g","generation":5,"kind":"leave","prev":4,"slot_count":3,"deltas":[{"gone":[1]}]}"#,
             "g",
         )
         .unwrap();
-        assert!(!c.apply(&v, 1).unwrap().is_joined());
+        let mut next = v.clone();
+        assert!(c.apply(&mut next, 1));
+        assert!(!next.is_joined());
     }
 
     #[test]
     fn anything_that_does_not_follow_on_means_a_reread() {
         let v = view(4, &[(0, 1)]);
-        let gap = r#"{"group":"g","generation":6,"prev":5,"slot_count":1,"delta":{"gone":[9]}}"#;
-        assert_eq!(Change::parse(gap, "g").unwrap().apply(&v, 1), None);
+        let untouched = |json: &str| {
+            let mut w = v.clone();
+            let applied = Change::parse(json, "g").unwrap().apply(&mut w, 1);
+            !applied && w == v
+        };
+        let gap = r#"{"group":"g","generation":6,"prev":5,"slot_count":1,"deltas":[{"gone":[9]}]}"#;
+        assert!(untouched(gap));
         let hint = r#"{"group":"g","generation":5,"kind":"change"}"#;
-        assert_eq!(Change::parse(hint, "g").unwrap().apply(&v, 1), None);
+        assert!(untouched(hint));
         let bad_slot = r#"{"group":"g","generation":5,"prev":4,"slot_count":1,
-                           "delta":{"join":{"member":"x","slot":3,"incarnation":2}}}"#;
-        assert_eq!(Change::parse(bad_slot, "g").unwrap().apply(&v, 1), None);
+                           "deltas":[{"join":{"member":"x","slot":3,"incarnation":2}}]}"#;
+        assert!(untouched(bad_slot));
+        let taken = r#"{"group":"g","generation":5,"prev":4,"slot_count":2,
+                        "deltas":[{"join":{"member":"x","slot":0,"incarnation":2}}]}"#;
+        assert!(untouched(taken));
         assert_eq!(Change::parse(hint, "other"), None);
         assert_eq!(Change::parse("not json", "g"), None);
     }

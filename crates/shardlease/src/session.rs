@@ -30,10 +30,13 @@ use crate::view::{MemberInfo, MemberState, View};
 /// interval.
 pub(crate) const CHECKERS: usize = 3;
 
+/// Every how many heartbeats a member that is not a checker probes the checkers' slot locks.
+const PROBE_EVERY: u64 = 4;
+
 /// The statements a session runs every heartbeat or check, prepared once per connection.
 struct Prepared {
     heartbeat: Statement,
-    needs_reap: Statement,
+    check: Statement,
     reap: Statement,
     view: Statement,
 }
@@ -170,10 +173,14 @@ impl Driver {
         };
         Ok(Prepared {
             heartbeat: prepare(
-                "SELECT generation, suspect FROM shardlease.heartbeat($1::bigint, $2::integer[])",
+                "SELECT generation, suspect \
+                 FROM shardlease.heartbeat($1::bigint, $2::integer[], $3::bigint * interval '1 millisecond')",
             )
             .await?,
-            needs_reap: prepare("SELECT shardlease.needs_reap($1::text)").await?,
+            check: prepare(
+                "SELECT shardlease.flush_announcements($1::text), shardlease.needs_reap($1::text)",
+            )
+            .await?,
             reap: prepare(
                 "SELECT member_id, slot, incarnation, reason, generation FROM shardlease.reap($1::text)",
             )
@@ -195,6 +202,7 @@ impl Driver {
         let mut heartbeat = interval(self.cfg.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut next_check: Option<Instant> = None;
+        let mut beats: u64 = 0;
         loop {
             let Some(s) = session.as_mut() else {
                 match self.rejoin().await {
@@ -230,7 +238,14 @@ impl Driver {
                     self.publish_state(MemberState::Left);
                     return result;
                 }
-                _ = heartbeat.tick() => self.on_heartbeat(s).await,
+                _ = heartbeat.tick() => {
+                    beats += 1;
+                    // Members other than the checkers probe the checkers every PROBE_EVERY
+                    // beats, in turns by slot, so that the group probes them about N / 4
+                    // times per beat and each member costs one cheap statement per beat.
+                    let probe = rank.is_none() && (beats + u64::from(s.slot)) % PROBE_EVERY == 0;
+                    self.on_heartbeat(s, probe).await
+                }
                 _ = sleep_until(next_check), if next_check.is_some() => {
                     next_check = rank.map(|r| next_phase(self.cfg.crash_check, r));
                     self.on_crash_check(s).await
@@ -284,16 +299,9 @@ impl Driver {
                     if change.generation <= v.generation {
                         return false; // seen already
                     }
-                    match change.apply(v, s.incarnation) {
-                        Some(next) => {
-                            *v = next;
-                            true
-                        }
-                        None => {
-                            reread = true;
-                            false
-                        }
-                    }
+                    let applied = change.apply(v, s.incarnation);
+                    reread |= !applied;
+                    applied
                 });
                 if applied {
                     self.view_changed();
@@ -311,11 +319,18 @@ impl Driver {
         }
     }
 
-    async fn on_heartbeat(&self, s: &Session) -> Next {
-        let probe = self.probe_slots(s.slot);
+    async fn on_heartbeat(&self, s: &Session, probe: bool) -> Next {
+        let probe = if probe {
+            self.probe_slots(s.slot)
+        } else {
+            Vec::new()
+        };
         let row = match s
             .client
-            .query_opt(&s.prepared.heartbeat, &[&s.incarnation, &probe])
+            .query_opt(
+                &s.prepared.heartbeat,
+                &[&s.incarnation, &probe, &self.cfg.renew_below_ms()],
+            )
             .await
         {
             Ok(row) => row,
@@ -343,10 +358,10 @@ impl Driver {
     async fn on_crash_check(&self, s: &Session) -> Next {
         match s
             .client
-            .query_one(&s.prepared.needs_reap, &[&self.cfg.group])
+            .query_one(&s.prepared.check, &[&self.cfg.group])
             .await
         {
-            Ok(row) if row.get::<_, bool>(0) => self.reap(s).await,
+            Ok(row) if row.get::<_, bool>(1) => self.reap(s).await,
             Ok(_) => Next::Continue,
             Err(e) => self.db_error("checking the group for crashed or expired members", e),
         }
