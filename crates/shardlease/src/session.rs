@@ -243,7 +243,7 @@ impl Driver {
                     // Members other than the checkers probe the checkers every PROBE_EVERY
                     // beats, in turns by slot, so that the group probes them about N / 4
                     // times per beat and each member costs one cheap statement per beat.
-                    let probe = rank.is_none() && (beats + u64::from(s.slot)) % PROBE_EVERY == 0;
+                    let probe = rank.is_none() && (beats + u64::from(s.slot)).is_multiple_of(PROBE_EVERY);
                     self.on_heartbeat(s, probe).await
                 }
                 _ = sleep_until(next_check), if next_check.is_some() => {
