@@ -341,6 +341,11 @@ BEGIN
       USING ERRCODE = 'SLM01';
   END IF;
 
+  IF EXISTS (SELECT 1 FROM shardlease.leases l WHERE l.group_name = p_group AND l.slot >= g.slot_count) THEN
+    RAISE EXCEPTION 'shardlease: group "%" has a lease in slot % or above, but its slot count is %',
+      p_group, g.slot_count, g.slot_count USING ERRCODE = 'SLI01',
+      HINT = 'A hand edit? Set shardlease.groups.slot_count above every lease''s slot, or delete the stray lease.';
+  END IF;
   SELECT min(s) INTO v_slot FROM generate_series(0, g.slot_count - 1) AS s
    WHERE NOT EXISTS (SELECT 1 FROM shardlease.leases l WHERE l.group_name = p_group AND l.slot = s);
   v_slot := coalesce(v_slot, g.slot_count);

@@ -10,8 +10,13 @@ pub mod sqlstate {
     /// The advisory lock of the slot a joiner was given is still held by a departed member's
     /// backend ([`Error::SlotHeld`](crate::Error::SlotHeld)); transient.
     pub const SLOT_HELD: &str = "SLL01";
+    /// The group's rows contradict each other ([`Error::Inconsistent`](crate::Error::Inconsistent)).
+    pub const INCONSISTENT: &str = "SLI01";
     /// Another live member uses this member id ([`Error::MemberIdInUse`](crate::Error::MemberIdInUse)).
     pub const MEMBER_ID_IN_USE: &str = "SLM01";
+    /// A fenced transaction's commit check failed; the message names the reason
+    /// ([`Error::Fenced`](crate::Error::Fenced)).
+    pub const FENCED: &str = "SLX01";
     /// The group runs another assignment protocol ([`Error::ProtocolMismatch`](crate::Error::ProtocolMismatch)).
     pub const PROTOCOL_MISMATCH: &str = "SLP01";
 }
@@ -159,6 +164,17 @@ pub enum Error {
         /// The group.
         group: String,
         /// The database's message.
+        detail: String,
+    },
+
+    /// The group's rows contradict each other (for example a lease whose slot is not below
+    /// the group's slot count, after a hand edit): no assignment can be computed from them.
+    /// The member keeps its last good view and reads again at the next heartbeat.
+    #[error("the tables of group {group:?} are inconsistent: {detail}; fix the row by hand (see shardlease.members and shardlease.groups)")]
+    Inconsistent {
+        /// The group.
+        group: String,
+        /// What contradicts what.
         detail: String,
     },
 
@@ -311,6 +327,10 @@ pub(crate) fn classify(e: tokio_postgres::Error, group: &str, member: &str, doin
             detail: message(),
         },
         Some(sqlstate::SLOT_HELD) => Error::SlotHeld {
+            group: group.to_owned(),
+            detail: message(),
+        },
+        Some(sqlstate::INCONSISTENT) => Error::Inconsistent {
             group: group.to_owned(),
             detail: message(),
         },

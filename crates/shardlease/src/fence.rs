@@ -15,10 +15,7 @@ use std::ops::{Deref, DerefMut};
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Transaction};
 
-use crate::error::{describe_db_error, Doing, Error, FenceReason, Result};
-
-/// SQLSTATE of `shardlease.fence_commit`'s refusal.
-const FENCED: &str = "SLX01";
+use crate::error::{describe_db_error, sqlstate, Doing, Error, FenceReason, Result};
 
 /// Proof of the view a write is computed from: the group, this member's lease and the
 /// generation. Get it from [`View::fence`](crate::View::fence) of the same view you computed
@@ -156,7 +153,7 @@ impl<'a> FencedTransaction<'a> {
             };
         };
         let code = db.code().code();
-        if code == FENCED {
+        if code == sqlstate::FENCED {
             let status = db.message().trim_start_matches("shardlease fence: ");
             let current = db
                 .detail()

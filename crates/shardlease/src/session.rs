@@ -408,6 +408,11 @@ impl Driver {
             Ok(()) if self.view.borrow().is_joined() => Next::Continue,
             Ok(()) => Next::Lost("this member's lease is no longer in the group".into()),
             Err(Error::Db { source, .. }) => self.db_error("re-reading the group's view", source),
+            Err(e @ Error::Inconsistent { .. }) => {
+                // Keep the last good view and the lease; the next heartbeat reads again.
+                tracing::error!(group = %self.cfg.group, member = %self.cfg.member_id, error = %e, "not adopting the group's view");
+                Next::Continue
+            }
             Err(e) => Next::Lost(e.to_string()),
         }
     }
@@ -438,6 +443,14 @@ impl Driver {
                 })
             })
             .collect();
+        // The tables should keep every slot below S; a hand edit may not. Refuse such a view
+        // (it would have no assignment) rather than publish it, and say what to fix.
+        if let Err(e) = crate::Assignment::new(slot_count, members.iter().map(|m| m.slot)) {
+            return Err(Error::Inconsistent {
+                group: self.cfg.group.clone(),
+                detail: e.to_string(),
+            });
+        }
         let state = if members.iter().any(|m| m.incarnation == s.incarnation) {
             MemberState::Joined {
                 slot: s.slot,

@@ -604,3 +604,41 @@ async fn reaping_never_terminates_backends_it_cannot_prove() {
         .get(0);
     assert_eq!(s, 0, "the top slot departed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hand_edited_slot_count_is_an_error_not_a_panic() {
+    let db = TestDb::migrated().await;
+    let a = Member::join(&db.pg, fast("g", "a")).await.unwrap();
+    let b = Member::join(&db.pg, fast("g", "b")).await.unwrap();
+    wait_members(&a, 2, "both joined").await;
+    let admin = db.client().await;
+    // b sits in slot 1: a slot count of 1 contradicts its lease.
+    admin
+        .batch_execute("UPDATE shardlease.groups SET slot_count = 1, generation = generation + 1")
+        .await
+        .unwrap();
+    let err = Member::join(&db.pg, fast("g", "c"))
+        .await
+        .expect_err("a joiner cannot compute an assignment from these rows");
+    assert!(
+        matches!(err, Error::Inconsistent { .. }),
+        "expected Inconsistent, got {err:?}"
+    );
+    assert!(err.to_string().contains("slot"), "{err}");
+    // The members keep their last good view and their leases; nothing panicked.
+    let fixed_gen: i64 = admin
+        .query_one(
+            "UPDATE shardlease.groups SET slot_count = 2, generation = generation + 1 RETURNING generation",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for m in [&a, &b] {
+        m.wait_for(WAIT, |v| v.generation == fixed_gen as u64 && v.is_joined())
+            .await
+            .expect("members adopt the repaired view");
+    }
+    b.leave().await.unwrap();
+    a.leave().await.unwrap();
+}
