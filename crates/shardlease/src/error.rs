@@ -102,6 +102,16 @@ pub enum Error {
         detail: String,
     },
 
+    /// The session connection goes through a transaction (or statement) pooler, which would
+    /// break its advisory lock and LISTEN; the detail says why and what to do. Not transient.
+    #[error("the session connection to {target} goes through a transaction pooler: {detail}")]
+    PooledSession {
+        /// Where we connected (host, port, database, user; never the password).
+        target: String,
+        /// Why, and what to do.
+        detail: String,
+    },
+
     /// The member has stopped (left, or its handle was dropped).
     #[error("the member has stopped")]
     Stopped,

@@ -9,6 +9,7 @@ mod fence;
 pub mod hash;
 mod member;
 pub mod migrate;
+mod pooler;
 mod session;
 mod tls;
 mod view;
