@@ -131,6 +131,12 @@ async fn dispatch(cli: Cli) -> Result<()> {
 
 async fn run(url: &str, args: cli::RunArgs) -> Result<()> {
     let pg = shardlease::parse_database_url(url)?;
+    // Unset or empty: the work connection goes where the session goes.
+    let work_pg = match args.work_database_url.as_deref().map(str::trim) {
+        Some(work_url) if !work_url.is_empty() => shardlease::parse_database_url(work_url)
+            .context("WORK_DATABASE_URL (--work-database-url)")?,
+        _ => pg.clone(),
+    };
     let member_id = match args.pod_name.filter(|s| !s.trim().is_empty()) {
         Some(id) => id,
         None => hostname()
@@ -157,9 +163,15 @@ async fn run(url: &str, args: cli::RunArgs) -> Result<()> {
     let metrics = http::install_metrics()?;
     http::serve(args.http_addr, ready.clone(), metrics, shutdown.clone()).await?;
     tokio::spawn(signals(shutdown.clone()));
-    tracing::info!(member = %member_id, database = %shardlease::describe_target(&pg), "starting");
+    tracing::info!(
+        member = %member_id,
+        database = %shardlease::describe_target(&pg),
+        work_database = %shardlease::describe_target(&work_pg),
+        "starting"
+    );
     let cfg = worker::WorkerConfig {
         pg,
+        work_pg,
         member,
         tick: args.timing.tick,
         items: Items::work_items(),
