@@ -109,13 +109,7 @@ async fn probe(pg: &DbConfig, client: &Client) -> Result<Verdict> {
     for _ in 0..ROUNDS {
         let pinned = match first_pid(probe.simple_query("BEGIN; SELECT pg_backend_pid()").await) {
             Ok(pid) => pid,
-            // PgBouncer's statement mode refuses transactions outright.
-            Err(e) => match e.as_db_error().map(|db| db.message()) {
-                Some(m) if m.contains("pool") => return Ok(Verdict::Pooled(format!(
-                    "a probe connection's transaction was refused ({m}): only a pooler does that"
-                ))),
-                _ => return Err(e.into()),
-            },
+            Err(e) => return refused(e),
         };
         let during = backend_pid(client).await?;
         if let Some(pooled) = judge(session, pinned, during) {
@@ -128,6 +122,17 @@ async fn probe(pg: &DbConfig, client: &Client) -> Result<Verdict> {
         }
     }
     Ok(Verdict::Direct)
+}
+
+/// A probe transaction failed: PgBouncer's statement mode refuses transactions outright;
+/// anything else is an error.
+fn refused(e: tokio_postgres::Error) -> Result<Verdict> {
+    match e.as_db_error().map(|db| db.message()) {
+        Some(m) if m.contains("pool") => Ok(Verdict::Pooled(format!(
+            "a probe connection's transaction was refused ({m}): only a pooler does that"
+        ))),
+        _ => Err(e.into()),
+    }
 }
 
 /// The verdict on the session's first pid, the pid of the probe's open transaction (0: none)
