@@ -70,13 +70,10 @@ pub(crate) async fn check_session_not_pooled(
 ) -> Result<()> {
     match tokio::time::timeout(PROBE_TIMEOUT, probe(pg, client)).await {
         Ok(Ok(Verdict::Direct)) => Ok(()),
-        Ok(Ok(Verdict::Pooled(why))) => {
-            tracing::error!(database = %target, reason = %why, "the session connection goes through a transaction pooler");
-            Err(Error::PooledSession {
-                target: target.to_owned(),
-                detail: format!("{why}; {REMEDY}"),
-            })
-        }
+        Ok(Ok(Verdict::Pooled(why))) => Err(Error::PooledSession {
+            target: target.to_owned(),
+            detail: format!("{why}; {REMEDY}"),
+        }),
         Ok(Err(e)) => Err(e),
         Err(_) => {
             tracing::warn!(
