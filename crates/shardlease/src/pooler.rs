@@ -29,10 +29,11 @@
 //! another client released a server in between, the probe gets that one, and the session's
 //! server stays free for the session in step 3; but step 4 then releases the probe's server
 //! last, and step 5 gets it. A round misses only when other clients take and release servers
-//! at both moments: behind a busy pool (12 clients on 4 servers in the tests) about 1 round
-//! in 15 misses, so the probe runs up to [`ROUNDS`] rounds, stopping at the first that
-//! catches the pooler. On a direct connection it runs them all: 2 + 4 × `ROUNDS` round
-//! trips and one connection, once per join.
+//! at both moments: behind a busy pool (12 clients on 4 servers, as in the tests) about 1
+//! round in 8 missed, so the probe runs up to [`ROUNDS`] rounds, stopping at the first that
+//! catches the pooler (no miss in 600 checks of 5 rounds under that load). On a direct
+//! connection it runs them all: 2 + 4 × `ROUNDS` round trips and one connection, once per
+//! join.
 //!
 //! Every statement is a simple query or an unnamed one (no named prepared statements, which
 //! a transaction pooler would break with a confusing error before the probe could explain).
@@ -59,9 +60,11 @@ const REMEDY: &str = "point DATABASE_URL (the session connection) directly at Po
 /// the connection in the error (see [`describe_target`](crate::describe_target)).
 ///
 /// Opens one short-lived probe connection from `pg` (see the module documentation) and runs
-/// three statements on `client`; call it once per join, with no transaction open on `client`.
-/// A probe that cannot connect fails with that error. A probe that does not finish within
-/// [`PROBE_TIMEOUT`] proves nothing: it is logged as a warning and the check passes.
+/// up to 1 + 2 × [`ROUNDS`] statements on `client`; call it once per join, before the join
+/// transaction, with no transaction open on `client`. A probe that cannot connect fails with
+/// that error. A probe that does not finish within [`PROBE_TIMEOUT`] proves nothing (for
+/// example, a session-mode pool with no server connection to spare for the probe makes it
+/// wait): it is logged as a warning and the check passes.
 #[allow(dead_code)] // Until the session calls it when a member first joins.
 pub(crate) async fn check_session_not_pooled(
     pg: &DbConfig,
@@ -227,6 +230,24 @@ mod tests {
         };
         let (pooled, last) = detections(&bouncer.url(&db.name), TRIES).await;
         assert_eq!(pooled, 0, "session-mode pool called pooled: {last:?}");
+    }
+
+    #[tokio::test]
+    async fn a_session_pool_without_a_spare_server_is_not_called_pooled() {
+        // The session holds the pool's only server connection: the probe waits for one
+        // until PROBE_TIMEOUT, which proves nothing, and the check passes.
+        let db = TestDb::empty().await;
+        let Some(bouncer) = PgBouncer::start(PoolMode::Session, 1).await else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        let (pooled, last) = detections(&bouncer.url(&db.name), 1).await;
+        assert_eq!(pooled, 0, "a full session pool called pooled: {last:?}");
+        let took = started.elapsed();
+        assert!(
+            took >= PROBE_TIMEOUT && took < PROBE_TIMEOUT + Duration::from_secs(5),
+            "the probe gave up after {took:?}, not after PROBE_TIMEOUT ({PROBE_TIMEOUT:?})"
+        );
     }
 
     #[tokio::test]
