@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use shardlease::tokio_postgres::types::Type;
-use shardlease::tokio_postgres::Client;
+use shardlease::tokio_postgres::{Client, SimpleQueryMessage};
 use shardlease::{Error, Member, MemberConfig};
 use shardlease_testkit::{PgBouncer, PoolMode, TestDb};
 
@@ -44,14 +44,15 @@ async fn join_all(db: &TestDb, group: &str, members: usize) -> Vec<Member> {
 }
 
 /// One fenced increment of `member`'s counter on `client`, retried (at most 20 times) while
-/// the view is stale.
-async fn fenced_increment(member: &Member, client: &mut Client) {
-    for _ in 0..20 {
+/// the view is stale; returns how many times the fence refused.
+async fn fenced_increment(member: &Member, client: &mut Client) -> usize {
+    for refused in 0..20 {
         let view = member.view();
         let fence = view.fence().expect("a joined member has a fence");
         let tx = match fence.begin(client).await {
             Ok(tx) => tx,
             Err(e) if e.is_fenced() => {
+                // Bounded: the view that refreshes the fence usually comes at once.
                 member
                     .wait_for(Duration::from_millis(500), |v| {
                         v.generation != view.generation
@@ -76,7 +77,7 @@ async fn fenced_increment(member: &Member, client: &mut Client) {
         tx.commit()
             .await
             .unwrap_or_else(|e| panic!("{id}: commit through PgBouncer: {e}"));
-        return;
+        return refused;
     }
     panic!(
         "{}: fenced 20 times in a row with a stable group",
@@ -84,13 +85,21 @@ async fn fenced_increment(member: &Member, client: &mut Client) {
     );
 }
 
+/// Nine work clients of three members share two server connections, while a fourth member
+/// joins and leaves again and again, so that fences are refused now and then (I1 hand-offs).
+/// Every increment commits exactly once, and nothing fails.
+///
 /// May fail until the fence is pooler-safe (unnamed statements, transaction-scoped state):
-/// run it after merging that change.
+/// run it after merging that change. With the fence of `query_one` (a named statement `sN`),
+/// a refused fence rolls back while its `Row` still holds the statement, so the statement's
+/// `Close` goes out after the server connection went back to the pool: `sN` stays on that
+/// server, and another client whose own counter reaches `sN` there fails with `prepared
+/// statement "sN" already exists`.
 #[tokio::test]
 async fn fenced_transactions_work_through_a_transaction_pooler_with_many_clients() {
     const MEMBERS: usize = 3;
     const CLIENTS_PER_MEMBER: usize = 3;
-    const ROUNDS: usize = 25;
+    const ROUNDS: usize = 100;
     let db = TestDb::migrated().await;
     // Nine work clients share two server connections.
     let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 2).await else {
@@ -112,6 +121,24 @@ async fn fenced_transactions_work_through_a_transaction_pooler_with_many_clients
             .expect("insert a counter");
     }
     let pooled = bouncer.db_config(&db.name);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let churn = {
+        let (pg, stop) = (db.pg.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut changes = 0u32;
+            while !stop.is_cancelled() {
+                let m = Member::join(&pg, cfg("pooled", "churn"))
+                    .await
+                    .expect("the churning member joins");
+                // Paces the churn; nothing waits on it.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                m.leave().await.expect("the churning member leaves");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                changes += 2;
+            }
+            changes
+        })
+    };
     let mut runs = Vec::new();
     for m in &members {
         for c in 0..CLIENTS_PER_MEMBER {
@@ -119,13 +146,15 @@ async fn fenced_transactions_work_through_a_transaction_pooler_with_many_clients
                 .await
                 .expect("connect through PgBouncer");
             runs.push(async move {
+                let mut refused = 0;
                 for _ in 0..ROUNDS {
-                    fenced_increment(m, &mut client).await;
+                    refused += fenced_increment(m, &mut client).await;
                 }
+                refused
             });
         }
     }
-    tokio::time::timeout(
+    let refused: Vec<usize> = tokio::time::timeout(
         Duration::from_secs(120),
         futures_util::future::join_all(runs),
     )
@@ -136,6 +165,11 @@ async fn fenced_transactions_work_through_a_transaction_pooler_with_many_clients
             bouncer.log()
         )
     });
+    stop.cancel();
+    let refused = refused.iter().sum::<usize>();
+    let changes = churn.await.expect("the churn task");
+    eprintln!("{changes} membership changes, {refused} fenced refusals during the run");
+    assert!(changes >= 2, "the group changed during the run");
     for m in &members {
         let n: i32 = admin
             .query_one(
@@ -152,17 +186,48 @@ async fn fenced_transactions_work_through_a_transaction_pooler_with_many_clients
             m.member_id()
         );
     }
+    // No named statement was left on the pooled server connections: pin both of them, one
+    // per client, and look (simple queries only, which prepare nothing).
+    let pinned = [
+        shardlease::connect_client(&pooled, "look 1")
+            .await
+            .expect("connect through PgBouncer"),
+        shardlease::connect_client(&pooled, "look 2")
+            .await
+            .expect("connect through PgBouncer"),
+    ];
+    let mut left = Vec::new();
+    for c in &pinned {
+        for m in c
+            .simple_query(
+                "BEGIN; SELECT pg_backend_pid() || ': ' || name || ' ' || statement \
+                 FROM pg_prepared_statements",
+            )
+            .await
+            .expect("list the server connection's prepared statements")
+        {
+            if let SimpleQueryMessage::Row(r) = m {
+                left.push(r.get(0).unwrap_or_default().to_owned());
+            }
+        }
+    }
+    assert!(
+        left.is_empty(),
+        "named statements left on the pooled server connections, where another process's \
+         statement of the same name would fail with 'already exists': {left:#?}"
+    );
     for m in members {
         m.leave().await.expect("leave");
     }
 }
 
-/// I1 through the pooler: a fence of a view that a join made stale is refused, and nothing
-/// of its transaction commits. May fail until the fence is pooler-safe, like the test above.
+/// I1 through the pooler: a fence of a view that a join made stale is refused, and the
+/// current fence then works on the pool's one server connection, from a new client and from
+/// the same one. May fail until the fence is pooler-safe, like the test above.
 #[tokio::test]
-async fn a_stale_fence_is_refused_through_a_transaction_pooler() {
+async fn a_stale_fence_is_refused_through_a_transaction_pooler_and_leaves_nothing_behind() {
     let db = TestDb::migrated().await;
-    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 2).await else {
+    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 1).await else {
         return;
     };
     let a = Member::join(&db.pg, cfg("stale", "a"))
@@ -175,19 +240,31 @@ async fn a_stale_fence_is_refused_through_a_transaction_pooler() {
     a.wait_for(WAIT, |v| v.members.len() == 2)
         .await
         .expect("a sees b");
-    let mut client = shardlease::connect_client(&bouncer.db_config(&db.name), "work")
+    let pooled = bouncer.db_config(&db.name);
+    let mut first = shardlease::connect_client(&pooled, "work 1")
         .await
         .expect("connect through PgBouncer");
-    match stale.begin(&mut client).await {
+    match stale.begin(&mut first).await {
         Err(e) if e.is_fenced() => {}
-        Err(e) => panic!("expected a Fenced refusal through PgBouncer, got: {e}"),
+        Err(e) => panic!("expected a Fenced refusal through PgBouncer, got: {e:?}"),
         Ok(_) => panic!("a stale fence began a transaction through PgBouncer"),
     }
-    // The refused transaction left nothing behind on the pooled server connection: the
-    // current fence works on the same client.
-    let fresh = a.view().fence().expect("a fence");
-    let tx = fresh.begin(&mut client).await.expect("a current fence");
-    tx.commit().await.expect("commit");
+    // Both clients share the pool's one server connection.
+    let mut second = shardlease::connect_client(&pooled, "work 2")
+        .await
+        .expect("connect through PgBouncer");
+    for (name, client) in [
+        ("a new client", &mut second),
+        ("the same client", &mut first),
+    ] {
+        let fresh = a.view().fence().expect("a fence");
+        let tx = fresh.begin(client).await.unwrap_or_else(|e| {
+            panic!("{name}: a current fence after a refusal on the same server connection: {e:?}")
+        });
+        tx.commit()
+            .await
+            .unwrap_or_else(|e| panic!("{name}: commit: {e:?}"));
+    }
     a.leave().await.expect("leave");
     b.leave().await.expect("leave");
 }
