@@ -10,6 +10,7 @@ pub mod hash;
 mod member;
 pub mod migrate;
 mod notification;
+mod pooler;
 pub mod protocol;
 mod session;
 mod tls;

@@ -75,7 +75,7 @@ impl Member {
             leave.clone(),
             abort.clone(),
         );
-        let session: Session = driver.open_session().await?;
+        let session: Session = driver.open_session(true).await?;
         let task = tokio::spawn(driver.run(session));
         Ok(Member {
             member_id: cfg.member_id,

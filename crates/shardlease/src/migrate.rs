@@ -130,11 +130,17 @@ pub async fn check_migrated(client: &Client) -> Result<()> {
 }
 
 /// Check that `history_table` (a refinery history table) records at least `required`.
+///
+/// Its statements are unnamed (no prepared statement), so that the check also works, and
+/// lets a later check explain the problem, on a connection through a transaction pooler.
 pub async fn check_history(client: &Client, history_table: &str, required: i32) -> Result<()> {
     let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&history_table])
+        .query_typed_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[(&history_table, tokio_postgres::types::Type::TEXT)],
+        )
         .await
-        .doing(|| format!("looking for {history_table}"))?
+        .doing(|| format!("reading {history_table}"))?
         .get(0);
     if !exists {
         return Err(Error::NotMigrated {
@@ -142,9 +148,9 @@ pub async fn check_history(client: &Client, history_table: &str, required: i32) 
         });
     }
     let version: Option<i32> = client
-        .query_one(&format!("SELECT max(version) FROM {history_table}"), &[])
+        .query_typed_one(&format!("SELECT max(version) FROM {history_table}"), &[])
         .await
-        .doing(|| format!("reading the schema version from {history_table}"))?
+        .doing(|| format!("reading {history_table}"))?
         .get(0);
     let version = version.unwrap_or(0);
     if version < required {

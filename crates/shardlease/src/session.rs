@@ -87,13 +87,23 @@ impl Driver {
         format!("{}/{}", self.cfg.group, self.cfg.member_id)
     }
 
-    /// Connect, LISTEN and join; publish the first view.
-    pub(crate) async fn open_session(&self) -> Result<Session> {
+    /// Connect, LISTEN and join; publish the first view. `first`: this is the member's first
+    /// join, so check first that the session connection is not behind a transaction pooler
+    /// (later joins use the same URL).
+    pub(crate) async fn open_session(&self, first: bool) -> Result<Session> {
         let app = truncate(&format!(
             "shardlease {}/{} joining",
             self.cfg.group, self.cfg.member_id
         ));
         let (client, notifications) = connect(&self.pg, &app).await?;
+        if first {
+            crate::pooler::check_session_not_pooled(
+                &self.pg,
+                &client,
+                &crate::describe_target(&self.pg),
+            )
+            .await?;
+        }
         // Every wait is bounded: a lock wait by a heartbeat, a statement by half the TTL, so
         // that a slow statement never costs this member its lease.
         let lock_timeout = timeout_ms(self.cfg.heartbeat);
@@ -512,7 +522,7 @@ impl Driver {
             .with_max_delay(self.cfg.reconnect_max_backoff)
             .with_jitter()
             .without_max_times();
-        let attempt = (|| self.open_session())
+        let attempt = (|| self.open_session(false))
             .retry(backoff)
             .notify(|e: &Error, delay: Duration| {
                 if e.is_transient() {

@@ -4,6 +4,9 @@
 //! bounded and says what it waited for.
 //!
 //! The server is `DATABASE_URL`, by default `postgres://postgres@127.0.0.1:5432/postgres`.
+//!
+//! [`PgBouncer`] runs a real PgBouncer in front of that server (transaction pooling by
+//! default), for the work path behind a pooler; tests skip, saying why, without the binary.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -33,6 +36,24 @@ pub fn with_database(url: &str, db: &str) -> String {
         None => format!("{base}/{db}"),
     }
 }
+
+/// Replace the host and port of a postgres:// URL, keeping its user, password, database and
+/// query string (the counterpart of [`with_database`]).
+pub fn with_host_port(url: &str, host: &str, port: u16) -> String {
+    let scheme_end = url.find("://").map(|i| i + 3).unwrap_or(0);
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let userinfo = authority.rfind('@').map(|i| &authority[..=i]).unwrap_or("");
+    format!(
+        "{}{userinfo}{host}:{port}{}",
+        &url[..scheme_end],
+        &rest[authority_end..]
+    )
+}
+
+mod pgbouncer;
+pub use pgbouncer::{PgBouncer, PoolMode};
 
 /// A fresh database, dropped (with its connections) when this value is dropped.
 pub struct TestDb {
@@ -156,5 +177,22 @@ mod tests {
             "postgres://u:p@h:5/x?sslmode=disable"
         );
         assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
+    }
+
+    #[test]
+    fn with_host_port_replaces_only_host_and_port() {
+        use super::with_host_port;
+        assert_eq!(
+            with_host_port("postgres://u:p@h:5/db?sslmode=disable", "127.0.0.1", 6432),
+            "postgres://u:p@127.0.0.1:6432/db?sslmode=disable"
+        );
+        assert_eq!(
+            with_host_port("postgres://h", "127.0.0.1", 6432),
+            "postgres://127.0.0.1:6432"
+        );
+        assert_eq!(
+            with_host_port("postgres://u@h?x=1", "b", 1),
+            "postgres://u@b:1?x=1"
+        );
     }
 }

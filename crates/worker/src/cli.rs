@@ -99,6 +99,13 @@ pub struct RunArgs {
     #[command(flatten)]
     pub timing: Timing,
 
+    /// PostgreSQL URL of the work connection (the fenced ticks), in the form of
+    /// --database-url; default: --database-url. It may point at PgBouncer in transaction
+    /// mode; --database-url carries the session (advisory lock, LISTEN, heartbeat) and must
+    /// reach PostgreSQL directly or through a session-mode pool.
+    #[arg(long, env = "WORK_DATABASE_URL", hide_env_values = true)]
+    pub work_database_url: Option<String>,
+
     /// Member id; defaults to the hostname.
     #[arg(long, env = "POD_NAME", visible_alias = "member-id")]
     pub pod_name: Option<String>,

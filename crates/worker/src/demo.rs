@@ -53,6 +53,7 @@ pub async fn run(pg: &DbConfig, client: &Client, tick: Duration) -> Result<()> {
         let stop = CancellationToken::new();
         let cfg = WorkerConfig {
             pg: pg.clone(),
+            work_pg: pg.clone(),
             member: MemberConfig::new(GROUP, name),
             tick,
             items: Items::named(TABLE),

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
+use shardlease::tokio_postgres::types::Type;
 use shardlease::tokio_postgres::Client;
 use shardlease::Fence;
 use uuid::Uuid;
@@ -41,6 +42,11 @@ impl Items {
     /// `currentWorker` for every item of the owned shards that was not ticked in the last
     /// `min_gap` (so that, across a hand-off, two increments of an item are never closer than
     /// that), and read back every id of those shards.
+    ///
+    /// `client` may go through a transaction pooler (PgBouncer's `pool_mode = transaction`):
+    /// the statement is unnamed, with its parameter types given (`query_typed`: one round
+    /// trip, no named prepared statement to outlive the transaction or to be missing on
+    /// another server connection), and it keeps no state beyond the transaction.
     pub async fn tick(
         &self,
         client: &mut Client,
@@ -66,7 +72,16 @@ impl Items {
              RETURNING id, updated_at = now()",
             t = self.table
         );
-        let rows = tx.query(&sql, &[&member_id, &shards, &gap_ms]).await?;
+        let rows = tx
+            .query_typed(
+                &sql,
+                &[
+                    (&member_id, Type::VARCHAR),
+                    (&shards, Type::INT4_ARRAY),
+                    (&gap_ms, Type::FLOAT8),
+                ],
+            )
+            .await?;
         tx.commit().await?;
         let mut watched: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
         watched.sort_unstable();

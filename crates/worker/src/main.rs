@@ -131,6 +131,17 @@ async fn dispatch(cli: Cli) -> Result<()> {
 
 async fn run(url: &str, args: cli::RunArgs) -> Result<()> {
     let pg = shardlease::parse_database_url(url)?;
+    // Unset or empty: the work connection goes where the session goes.
+    let work_url = args
+        .work_database_url
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty());
+    let work_pg = match work_url {
+        Some(work_url) => shardlease::parse_database_url(work_url)
+            .context("WORK_DATABASE_URL (--work-database-url)")?,
+        None => pg.clone(),
+    };
     let member_id = match args.pod_name.filter(|s| !s.trim().is_empty()) {
         Some(id) => id,
         None => hostname()
@@ -151,15 +162,34 @@ async fn run(url: &str, args: cli::RunArgs) -> Result<()> {
         Ok(client) => db::check_migrated(&client).await?,
         Err(e) => tracing::warn!(error = %e, "database not reachable yet; will keep trying"),
     }
+    // The same for the work connection's target (the check's statements are unnamed, so
+    // they work through a transaction pooler): a work URL that reaches another database
+    // fails now, not at every tick.
+    if work_url.is_some() {
+        match shardlease::connect_client(&work_pg, "shardlease-worker check").await {
+            Ok(client) => db::check_migrated(&client)
+                .await
+                .context("WORK_DATABASE_URL (--work-database-url)")?,
+            Err(e) => {
+                tracing::warn!(error = %e, "work database not reachable yet; will keep trying")
+            }
+        }
+    }
 
     let shutdown = CancellationToken::new();
     let ready = worker::Readiness::default();
     let metrics = http::install_metrics()?;
     http::serve(args.http_addr, ready.clone(), metrics, shutdown.clone()).await?;
     tokio::spawn(signals(shutdown.clone()));
-    tracing::info!(member = %member_id, database = %shardlease::describe_target(&pg), "starting");
+    tracing::info!(
+        member = %member_id,
+        database = %shardlease::describe_target(&pg),
+        work_database = %shardlease::describe_target(&work_pg),
+        "starting"
+    );
     let cfg = worker::WorkerConfig {
         pg,
+        work_pg,
         member,
         tick: args.timing.tick,
         items: Items::work_items(),

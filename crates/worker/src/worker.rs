@@ -21,8 +21,12 @@ use crate::printer::Printer;
 /// How a worker runs.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// Where the database is.
+    /// Where the database is, for the member's session connection (advisory lock, LISTEN,
+    /// heartbeat): directly, or through a session-mode pool.
     pub pg: DbConfig,
+    /// Where the work connection goes (the fenced ticks): the same database, possibly
+    /// through a transaction pooler.
+    pub work_pg: DbConfig,
     /// Group, member id and lease timings.
     pub member: MemberConfig,
     /// Tick interval.
@@ -240,7 +244,7 @@ async fn tick(
         let client = match work {
             Some(c) if !c.is_closed() => c,
             _ => match shardlease::connect_client(
-                &cfg.pg,
+                &cfg.work_pg,
                 &format!("shardlease-worker {member_id} work"),
             )
             .await

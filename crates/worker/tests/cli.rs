@@ -110,6 +110,51 @@ async fn an_unreachable_database_fails_clearly_without_the_password() {
 }
 
 #[tokio::test]
+async fn a_bad_work_database_url_fails_with_one_line_naming_it_without_the_password() {
+    for bad in [
+        "mysql://u:secret@127.0.0.1/x",
+        "postgres://u:secret@127.0.0.1:99999/x",
+        "postgres://u:secret@127.0.0.1/x?sslmode=sometimes",
+    ] {
+        let out = cli(
+            &base_url(),
+            &["run", "--pod-name", "w1", "--work-database-url", bad],
+        )
+        .await;
+        assert_eq!(out.code(), Some(1), "--work-database-url {bad}: {out}");
+        let line = one_line(&out);
+        assert!(
+            line.contains("WORK_DATABASE_URL") && line.contains("invalid database URL"),
+            "the error must name the work URL and say what is wrong: {line}"
+        );
+        assert!(!line.contains("secret"), "the password leaked: {line}");
+    }
+}
+
+#[tokio::test]
+async fn a_work_database_url_to_an_unmigrated_database_says_to_migrate() {
+    let db = TestDb::with_items(1).await;
+    let other = TestDb::empty().await;
+    let out = db
+        .cli(&[
+            "run",
+            "--pod-name",
+            "w1",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--work-database-url",
+            &other.url,
+        ])
+        .await;
+    assert_eq!(out.code(), Some(1), "{out}");
+    let line = one_line(&out);
+    assert!(
+        line.contains("WORK_DATABASE_URL") && line.contains("shardlease-worker migrate"),
+        "the error must name the work URL and say to migrate: {line}"
+    );
+}
+
+#[tokio::test]
 async fn status_seed_and_run_on_an_unmigrated_database_say_to_migrate() {
     let db = TestDb::empty().await;
     for args in [

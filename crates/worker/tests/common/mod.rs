@@ -88,9 +88,14 @@ impl TestDb {
 
     /// Start a worker process named `name` with [`RUN_ARGS`] and `extra` flags.
     pub fn worker(&self, name: &str, extra: &[&str]) -> Worker {
+        self.worker_env(name, extra, &[])
+    }
+
+    /// [`TestDb::worker`] with extra environment variables (`WORK_DATABASE_URL`, ...).
+    pub fn worker_env(&self, name: &str, extra: &[&str], env: &[(&str, &str)]) -> Worker {
         let mut args: Vec<&str> = RUN_ARGS.to_vec();
         args.extend_from_slice(extra);
-        Worker::spawn(&self.url, name, &args)
+        Worker::spawn_env(&self.url, name, &args, env)
     }
 }
 
@@ -133,6 +138,7 @@ pub async fn cli(url: &str, args: &[&str]) -> CliOutput {
     let mut cmd = tokio::process::Command::new(BIN);
     cmd.args(args)
         .env("DATABASE_URL", url)
+        .env_remove("WORK_DATABASE_URL")
         .env_remove("POD_NAME")
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -179,9 +185,16 @@ fn reader(stream: impl Read + Send + 'static, lines: Lines) {
 impl Worker {
     /// Start the binary as member `name` (POD_NAME) with `args`.
     pub fn spawn(url: &str, name: &str, args: &[&str]) -> Worker {
+        Worker::spawn_env(url, name, args, &[])
+    }
+
+    /// [`Worker::spawn`] with extra environment variables.
+    pub fn spawn_env(url: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> Worker {
         let mut child = Command::new(BIN)
             .args(args)
             .env("DATABASE_URL", url)
+            .env_remove("WORK_DATABASE_URL")
+            .envs(env.iter().copied())
             .env("POD_NAME", name)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -282,17 +295,24 @@ impl Worker {
 
     /// Wait for the process to exit.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        self.exit_within(timeout)
+            .await
+            .unwrap_or_else(|| panic!("worker {} did not exit within {timeout:?}", self.name))
+    }
+
+    /// Wait for the process to exit, at most `timeout`; `None` if it is still running.
+    pub async fn exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let start = Instant::now();
         loop {
             if let Some(s) = self.exited {
-                return s;
+                return Some(s);
             }
             if let Some(s) = self.child.try_wait().expect("try_wait") {
                 self.exited = Some(s);
-                return s;
+                return Some(s);
             }
             if start.elapsed() > timeout {
-                panic!("worker {} did not exit within {timeout:?}", self.name);
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
