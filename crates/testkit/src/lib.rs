@@ -4,6 +4,16 @@
 //! bounded and says what it waited for.
 //!
 //! The server is `DATABASE_URL`, by default `postgres://postgres@127.0.0.1:5432/postgres`.
+//! Tests that restart the server, change its settings, need many connections or measure its
+//! CPU run a [`PrivateServer`] of their own instead; [`cluster_cpu_time`] and [`CpuUse`]
+//! measure a cluster's CPU from `/proc`.
+#![deny(missing_docs)]
+
+mod cpu;
+mod server;
+
+pub use cpu::{cluster_cpu_time, CpuUse};
+pub use server::{PrivateServer, PrivateServerBuilder};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
