@@ -11,7 +11,8 @@
 //! (kill -9, join and leave), `--floor-reps 30` [5], `--rest-secs 20` [3], `--hold-secs 10`
 //! [3], `--contended-events 20` [5], `--churn-rounds 2` [1], `--phase-secs 60` [20],
 //! `--timeout-ms 10000`, `--cold-timeout-secs 60`, `--churn-timeout-secs 30`,
-//! `--join-concurrency 64`, `--json <target>/scale.json`.
+//! `--join-concurrency 64`, `--max-connections 2300` (of the private cluster; N + 100 and a
+//! few more are needed), `--json <target>/scale.json`.
 //!
 //! Needs nothing running: it starts a private PostgreSQL cluster (the test kit's
 //! `PrivateServer`, `max_connections` 2300, `pg_stat_statements` preloaded), with a fresh
@@ -118,6 +119,8 @@ struct Opts {
     cold_timeout: Duration,
     churn_timeout: Duration,
     join_concurrency: usize,
+    /// The private cluster's max_connections.
+    max_connections: u32,
     json: PathBuf,
 }
 
@@ -142,6 +145,7 @@ impl Opts {
             cold_timeout: Duration::from_secs(60),
             churn_timeout: Duration::from_secs(30),
             join_concurrency: 64,
+            max_connections: 2300,
             json: target_dir().join("scale.json"),
         };
         let mut it = args.iter();
@@ -179,6 +183,7 @@ impl Opts {
                 "--cold-timeout-secs" => o.cold_timeout = Duration::from_secs(num(a, value(a)?)?),
                 "--churn-timeout-secs" => o.churn_timeout = Duration::from_secs(num(a, value(a)?)?),
                 "--join-concurrency" => o.join_concurrency = num(a, value(a)?)? as usize,
+                "--max-connections" => o.max_connections = num(a, value(a)?)? as u32,
                 "--json" => o.json = value(a)?.into(),
                 // `cargo bench` passes `--bench`.
                 "--quick" | "--bench" => {}
@@ -186,7 +191,7 @@ impl Opts {
                     "unknown flag {other:?}; flags: --sizes 10,100,1000 --quick --reps N \
                      --floor-reps N --rest-secs S --hold-secs S --churn-rounds N --contended-events N \
                      --phase-secs S --timeout-ms MS \
-                     --cold-timeout-secs S --churn-timeout-secs S --join-concurrency N --json PATH"
+                     --cold-timeout-secs S --churn-timeout-secs S --join-concurrency N --max-connections N --json PATH"
                 ),
                 _ => {} // a bench filter: ignored
             }
@@ -645,6 +650,7 @@ async fn wait_queued(observer: &Client, pid: i32, deadline: Instant) -> Result<(
 #[derive(Default)]
 struct SizeResult {
     n: usize,
+    join_concurrency: usize,
     floor_connect: Option<Duration>,
     floor_connect_err: Option<String>,
     floor_idle_cores: Option<f64>,
@@ -977,16 +983,16 @@ async fn cold_start(cx: &Ctx<'_>, n: usize, r: &mut SizeResult) -> Vec<Member> {
     )
     .await;
     let res = match res {
-        Ok(last) if want == n => Ok(last - t0),
-        Ok(_) => Err(anyhow!(
-            "only {want} of {n} joins succeeded within {:?}; first error: {}",
+        _ if want < n => Err(anyhow!(
+            "only {want} of {n} members joined within {:?} ({})",
             o.cold_timeout,
             r.cold_join_errors
                 .first()
                 .map(String::as_str)
                 .unwrap_or("-")
         )),
-        Err(e) => Err(e),
+        Ok(last) => Ok(last - t0),
+        Err(e) => Err(e.context(format!("cold start not done within {:?}", o.cold_timeout))),
     };
     r.cold.push(res);
     eprintln!(
@@ -1563,6 +1569,7 @@ async fn run_size(
 ) -> Result<SizeResult> {
     let mut r = SizeResult {
         n,
+        join_concurrency: opts.join_concurrency,
         ..SizeResult::default()
     };
     let t_size = Instant::now();
@@ -1813,7 +1820,11 @@ fn rows(r: &SizeResult, listeners: usize) -> Vec<Row> {
             _ => "not run".into(),
         },
         match (&r.floor_connect, &r.floor_connect_err) {
-            (Some(d), _) => format!("{n} connections + LISTEN, {} in flight: {}", 64, fmt_d(*d)),
+            (Some(d), _) => format!(
+                "{n} connections + LISTEN, {} in flight: {}",
+                r.join_concurrency,
+                fmt_d(*d)
+            ),
             (None, Some(e)) => format!("failed: {}", truncate(e, 60)),
             _ => "-".into(),
         },
@@ -1922,7 +1933,11 @@ fn rows(r: &SizeResult, listeners: usize) -> Vec<Row> {
     );
     row(
         "churn: survivors' leases lost",
-        r.churn_losses.to_string(),
+        if r.churn.samples.is_empty() && r.churn.failures.is_empty() {
+            "not measured".into()
+        } else {
+            r.churn_losses.to_string()
+        },
         "-".into(),
         "0",
         verdict(r.churn_losses == 0 && !r.churn.samples.is_empty()),
@@ -2089,7 +2104,7 @@ async fn bench(opts: Opts) -> Result<()> {
     let library_log = target_dir().join("scale-library.log");
     init_library_log(&library_log)?;
     let server = PrivateServer::builder()
-        .max_connections(2300)
+        .max_connections(opts.max_connections)
         .shared_buffers("256MB")
         .conf("shared_preload_libraries = 'pg_stat_statements'")
         .conf("pg_stat_statements.track = top")
@@ -2166,6 +2181,7 @@ async fn bench(opts: Opts) -> Result<()> {
             "timeout_ms": ms(opts.timeout), "cold_timeout_s": opts.cold_timeout.as_secs_f64(),
             "churn_timeout_s": opts.churn_timeout.as_secs_f64(),
             "join_concurrency": opts.join_concurrency,
+            "max_connections": opts.max_connections,
         },
         "member_config": "MemberConfig::new defaults (heartbeat 1 s, TTL 5 s, crash check 100 ms)",
         "statements": "pg_stat_statements calls (track = top) of the members' database; xact_commit from pg_stat_database",
