@@ -1242,7 +1242,8 @@ async fn contended(cx: &Ctx<'_>, members: &[Member], r: &mut SizeResult) -> Resu
     for i in 0..events {
         victims.push(Proc::spawn(&cx.url, "member", &format!("c-victim-{i}"))?);
     }
-    let setup_deadline = Instant::now() + o.timeout;
+    // Not measured: as long as a churn round may take.
+    let setup_deadline = Instant::now() + o.churn_timeout;
     let mut ready = 0;
     for p in victims.iter_mut() {
         match p
@@ -1286,11 +1287,31 @@ async fn contended(cx: &Ctx<'_>, members: &[Member], r: &mut SizeResult) -> Resu
     let holder_rx = members[4].watch();
     let mut holder_client = shardlease::connect_client(&cx.pg, "scale-bench holder").await?;
     let (began_tx, began) = tokio::sync::oneshot::channel();
+    let open_within = o.timeout;
     let holder = tokio::spawn(async move {
         let t0 = Instant::now();
+        let mut rx = holder_rx;
+        let mut refused = 0;
         let res: Result<()> = async {
-            let view = holder_rx.borrow().clone();
-            let fence = view.fence()?;
+            // As an application does: a fenced refusal means a newer view is on its way;
+            // wait for it and try again (a trial transaction, rolled back, finds the fence).
+            let fence = loop {
+                let view = rx.borrow_and_update().clone();
+                let tried = async {
+                    let fence = view.fence()?;
+                    drop(fence.begin(&mut holder_client).await?);
+                    Ok::<_, anyhow::Error>(fence)
+                }
+                .await;
+                match tried {
+                    Ok(fence) => break fence,
+                    Err(e) if is_fenced(&e) && t0.elapsed() < open_within => {
+                        refused += 1;
+                        let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
             let slot = fence.slot() as i32;
             let tx = fence.begin(&mut holder_client).await?;
             tx.execute(
@@ -1307,13 +1328,19 @@ async fn contended(cx: &Ctx<'_>, members: &[Member], r: &mut SizeResult) -> Resu
         .await;
         let ended = Instant::now();
         let what = match res {
-            Ok(()) => format!("held {:.1} s, committed", t0.elapsed().as_secs_f64()),
-            Err(e) => format!("ended after {:.1} s: {e:#}", t0.elapsed().as_secs_f64()),
+            Ok(()) => format!(
+                "held {:.1} s, committed ({refused} fenced refusals before it opened)",
+                t0.elapsed().as_secs_f64()
+            ),
+            Err(e) => format!(
+                "ended after {:.1} s ({refused} fenced refusals before): {e:#}",
+                t0.elapsed().as_secs_f64()
+            ),
         };
         (ended, what)
     });
     // The window opens when the transaction has written.
-    let opened = tokio::time::timeout(o.timeout, began).await;
+    let opened = tokio::time::timeout(o.timeout + Duration::from_secs(2), began).await;
     let hold_end = Instant::now() + o.hold;
     let (mut joins, mut leaves, mut reaps) = (Vec::new(), Vec::new(), Vec::new());
     let mut joiners = Vec::new();
@@ -1386,7 +1413,7 @@ async fn contended(cx: &Ctx<'_>, members: &[Member], r: &mut SizeResult) -> Resu
         }
     } else {
         r.notes.push(format!(
-            "contended: the fenced transaction did not open within {:?}",
+            "contended: the fenced transaction did not open within {:?}; no event was measured",
             o.timeout
         ));
     }
