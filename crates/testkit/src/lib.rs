@@ -7,6 +7,16 @@
 //!
 //! [`PgBouncer`] runs a real PgBouncer in front of that server (transaction pooling by
 //! default), for the work path behind a pooler; tests skip, saying why, without the binary.
+//! Tests that restart the server, change its settings, need many connections or measure its
+//! CPU run a [`PrivateServer`] of their own instead; [`cluster_cpu_time`] and [`CpuUse`]
+//! measure a cluster's CPU from `/proc`.
+#![deny(missing_docs)]
+
+mod cpu;
+mod server;
+
+pub use cpu::{cluster_cpu_time, CpuUse};
+pub use server::{PrivateServer, PrivateServerBuilder};
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};

@@ -293,6 +293,14 @@ impl Worker {
         self.exited = Some(self.child.wait().expect("wait"));
     }
 
+    /// The exit status, if the process has exited; does not wait.
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().expect("try_wait");
+        }
+        self.exited
+    }
+
     /// Wait for the process to exit.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         self.exit_within(timeout)
