@@ -85,7 +85,9 @@ pub async fn run(
                 state.view_changed_at = Some(Instant::now());
                 let gained = state.adopt(&member.view(), member.member_id());
                 if !gained.is_empty() {
-                    let caught_up = tick(&cfg, &member, &mut work, &mut state, Some(&gained)).await;
+                    // Every tick gives way to shutdown: a tick stuck behind a storm of
+                    // membership changes must not delay the leave (its transaction rolls back).
+                    let Some(caught_up) = until_shutdown(&shutdown, tick(&cfg, &member, &mut work, &mut state, Some(&gained))).await else { break };
                     // Some gained items were ticked by their previous owner too recently:
                     // tick them once they are due.
                     if caught_up.is_none_or(|r| r.incremented < r.watched) {
@@ -95,10 +97,10 @@ pub async fn run(
             }
             _ = async { tokio::time::sleep_until(follow_up_at.expect("guarded")).await }, if follow_up_at.is_some() => {
                 let (_, gained) = follow_up.take().expect("guarded");
-                tick(&cfg, &member, &mut work, &mut state, Some(&gained)).await;
+                if until_shutdown(&shutdown, tick(&cfg, &member, &mut work, &mut state, Some(&gained))).await.is_none() { break }
             }
             _ = ticker.tick() => {
-                tick(&cfg, &member, &mut work, &mut state, None).await;
+                if until_shutdown(&shutdown, tick(&cfg, &member, &mut work, &mut state, None)).await.is_none() { break }
             }
             _ = printer_clock.tick() => {
                 if let Some(p) = cfg.print.as_mut() {
