@@ -120,6 +120,28 @@ The DATABASE_URL env var, read from the database Secret.
 {{- end }}
 
 {{/*
+The key of WORK_DATABASE_URL in workDatabase.existingSecret (empty secretKey: WORK_DATABASE_URL).
+*/}}
+{{- define "shardlease.workDatabaseSecretKey" -}}
+{{- default "WORK_DATABASE_URL" .Values.workDatabase.secretKey }}
+{{- end }}
+
+{{/*
+The WORK_DATABASE_URL env var of the worker container (`run` only: the fenced ticks), read from
+workDatabase.existingSecret. Renders nothing when that is unset: the worker then ticks over DATABASE_URL.
+Never given to migrate, status or KEDA: they need DATABASE_URL, a direct connection.
+*/}}
+{{- define "shardlease.workDatabaseUrlEnv" -}}
+{{- if .Values.workDatabase.existingSecret }}
+- name: WORK_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.workDatabase.existingSecret }}
+      key: {{ include "shardlease.workDatabaseSecretKey" . }}
+{{- end }}
+{{- end }}
+
+{{/*
 Where migrations run: "hook", "initContainer" or "none" (resolves migrations.strategy=auto).
 */}}
 {{- define "shardlease.migrationMode" -}}
@@ -147,6 +169,16 @@ Checks of value combinations that the JSON schema cannot express. Rendering fail
 {{- end }}
 {{- if and .Values.postgresql.enabled .Values.externalDatabase.existingSecret }}
 {{- fail "shardlease: externalDatabase.existingSecret is set but postgresql.enabled=true; set postgresql.enabled=false to use the external database, or unset externalDatabase.existingSecret to use the bundled one." }}
+{{- end }}
+{{- if and .Values.workDatabase.secretKey (not .Values.workDatabase.existingSecret) }}
+{{- fail (printf "shardlease: workDatabase.secretKey=%s is set but workDatabase.existingSecret is empty: name the Secret that holds the work connection string (WORK_DATABASE_URL), e.g. kubectl create secret generic shardlease-work-db --from-literal=%s=postgres://app:pw@pgbouncer:6432/app and --set workDatabase.existingSecret=shardlease-work-db; or unset workDatabase.secretKey to tick over DATABASE_URL." .Values.workDatabase.secretKey .Values.workDatabase.secretKey) }}
+{{- end }}
+{{- if .Values.workDatabase.existingSecret }}
+{{- range .Values.worker.extraEnv }}
+{{- if eq .name "WORK_DATABASE_URL" }}
+{{- fail "shardlease: WORK_DATABASE_URL is set twice, by workDatabase.existingSecret and in worker.extraEnv; keep only workDatabase.existingSecret." }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and .Values.keda.enabled .Values.hpa.enabled }}
 {{- fail "shardlease: keda.enabled and hpa.enabled are mutually exclusive: both would own the Deployment's replica count. Enable only one of them." }}

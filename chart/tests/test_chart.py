@@ -53,6 +53,9 @@ EXTERNAL = {
     "externalDatabase": {"existingSecret": "my-db", "existingSecretKey": "url"},
 }
 
+# The work connection (WORK_DATABASE_URL) behind PgBouncer in transaction mode, default key.
+WORK_DB = {"workDatabase": {"existingSecret": "pgbouncer-url"}}
+
 # Named value sets that must render. Each one is linted, rendered and validated.
 SCENARIOS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -64,6 +67,11 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "servicemonitor": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
     "initcontainer-external": {**EXTERNAL, "migrations": {"strategy": "initContainer"}},
     "no-migrations": {"migrations": {"strategy": "none"}},
+    "work-database": WORK_DB,
+    "work-database-external-keda": {
+        **EXTERNAL, "keda": {"enabled": True},
+        "workDatabase": {"existingSecret": "pgbouncer", "secretKey": "tx-url"},
+    },
     "everything": {
         "keda": {"enabled": True},
         "serviceMonitor": {"enabled": True},
@@ -278,8 +286,8 @@ def test_schema_is_draft07_and_closed():
     assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
     jsonschema.Draft7Validator.check_schema(schema)
     assert schema["additionalProperties"] is False
-    for key in ("image", "worker", "postgresql", "externalDatabase", "keda", "hpa", "migrations",
-                "serviceMonitor", "podDisruptionBudget", "service", "serviceAccount"):
+    for key in ("image", "worker", "postgresql", "externalDatabase", "workDatabase", "keda", "hpa",
+                "migrations", "serviceMonitor", "podDisruptionBudget", "service", "serviceAccount"):
         assert schema["properties"][key]["additionalProperties"] is False, key
     # The defaults satisfy the schema; so does every scenario (checked by Python's validator too).
     defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
@@ -296,6 +304,11 @@ def test_schema_is_draft07_and_closed():
     ({"postgresql": {"auth": {"password": "p@ss word"}}}, "/postgresql/auth/password"),
     ({"migrations": {"strategy": "sometimes"}}, "/migrations/strategy"),
     ({"terminationGracePeriodSeconds": 1}, "/terminationGracePeriodSeconds"),
+    ({"workDatabase": {"existingSecret": True}}, "/workDatabase/existingSecret"),
+    ({"workDatabase": {"existingSecret": "pgb", "secretKey": 5}}, "/workDatabase/secretKey"),
+    ({"workDatabase": {"existingSecret": "PgBouncer_URL"}}, "/workDatabase/existingSecret"),
+    ({"workDatabase": {"existingSecret": "pgb", "secretKey": "a key"}}, "/workDatabase/secretKey"),
+    ({"workDatabase": {"url": "postgres://app:pw@pgbouncer:6432/app"}}, "url"),  # no inline URLs
 ])
 def test_schema_rejects_bad_values(values, where):
     with pytest.raises(helm.HelmValuesError) as err:
@@ -320,6 +333,10 @@ def test_schema_rejects_bad_values(values, where):
      "migrations.strategy=hook cannot work with the bundled PostgreSQL"),
     ({"keda": {"enabled": True, "minReplicaCount": 5, "maxReplicaCount": 2}},
      "keda.minReplicaCount must not exceed keda.maxReplicaCount"),
+    ({"workDatabase": {"secretKey": "WORK_DATABASE_URL"}},
+     "workDatabase.secretKey=WORK_DATABASE_URL is set but workDatabase.existingSecret is empty"),
+    ({**WORK_DB, "worker": {"extraEnv": [{"name": "WORK_DATABASE_URL", "value": "postgres://x"}]}},
+     "WORK_DATABASE_URL is set twice"),
 ])
 def test_bad_combinations_fail_clearly(values, message):
     with pytest.raises(helm.HelmRenderError) as err:
@@ -529,6 +546,61 @@ def test_database_url_comes_from_the_right_secret(scenario):
     # A user-supplied Secret is never rendered (and so never overwritten) by the chart.
     if not values.get("postgresql", {}).get("enabled", True):
         assert not r.of_kind("Secret")
+
+
+def expected_work_db_secret(values: dict[str, Any]) -> tuple[str, str] | None:
+    work = values.get("workDatabase", {})
+    if not work.get("existingSecret"):
+        return None
+    return work["existingSecret"], work.get("secretKey") or "WORK_DATABASE_URL"
+
+
+def test_work_database_url_only_on_the_worker(scenario):
+    """WORK_DATABASE_URL (the fenced ticks, maybe through a transaction pooler) is set on the worker
+    container alone, from workDatabase's Secret; migrations, helm test and KEDA stay on DATABASE_URL."""
+    name, values, r = scenario
+    expected = expected_work_db_secret(values)
+    env = env_of(worker_container(r))
+    if expected is None:
+        assert "WORK_DATABASE_URL" not in env, f"{name}: unset by default, the worker uses DATABASE_URL"
+    else:
+        assert env["WORK_DATABASE_URL"] == {"name": "WORK_DATABASE_URL", "valueFrom": {
+            "secretKeyRef": {"name": expected[0], "key": expected[1]}}}, name
+    # The session connection is unchanged either way.
+    session_secret, session_key = expected_db_secret(values)
+    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": session_secret, "key": session_key}
+    for owner, spec in pod_templates(r):
+        for c in all_containers(spec):
+            if owner is r.deployment and c["name"] == "worker":
+                continue
+            assert "WORK_DATABASE_URL" not in env_of(c), \
+                f"{name}: {owner['metadata']['name']}/{c['name']} must use DATABASE_URL only"
+    for auth in r.of_kind("TriggerAuthentication"):
+        assert [ref["name"] for ref in auth["spec"]["secretTargetRef"]] == [session_secret]
+
+
+def test_work_database_renders_and_documents():
+    r = render()
+    assert "WORK_DATABASE_URL" not in env_of(worker_container(r))
+    assert "set workDatabase.existingSecret" in r.notes
+
+    r = render({**EXTERNAL, **WORK_DB, "migrations": {"strategy": "initContainer"}})
+    ref = env_of(worker_container(r))["WORK_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "pgbouncer-url", "key": "WORK_DATABASE_URL"}
+    (migrate,) = r.deployment["spec"]["template"]["spec"]["initContainers"]
+    assert "WORK_DATABASE_URL" not in env_of(migrate)
+    assert "WORK_DATABASE_URL read from Secret pgbouncer-url (key WORK_DATABASE_URL)" in r.notes
+    # The user's Secret is never rendered by the chart.
+    assert not r.of_kind("Secret")
+
+    r = render({"workDatabase": {"existingSecret": "pgb", "secretKey": "url"}})
+    ref = env_of(worker_container(r))["WORK_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "pgb", "key": "url"}
+    assert "(key url)" in r.notes
+    # Extra env of the user still comes after, unduplicated.
+    r = render({**WORK_DB, "worker": {"extraEnv": [{"name": "RUST_LOG", "value": "info"}]}})
+    names = [e["name"] for e in worker_container(r)["env"]]
+    assert names[-2:] == ["WORK_DATABASE_URL", "RUST_LOG"]
 
 
 def test_hooks_only_use_what_exists_at_hook_time(scenario):
@@ -741,7 +813,7 @@ def test_helm_test_pod_runs_status():
     assert not render({"tests": {"enabled": False}}).of_kind("Pod")
 
 
-@pytest.mark.parametrize("values", [{}, EXTERNAL])
+@pytest.mark.parametrize("values", [{}, EXTERNAL, {**EXTERNAL, **WORK_DB}])
 def test_notes_show_how_to_inspect(values):
     notes = render(values).notes
     for snippet in (
