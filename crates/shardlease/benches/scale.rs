@@ -38,11 +38,11 @@
 //! - **leave**: an in-process member joins (N members) and calls `leave()`; time until every
 //!   other member's view lacks it. `--reps` times.
 //! - **contended**: 4 members run fenced ticks back to back (each on a work connection of its
-//!   own) and a fifth holds a fenced transaction open for `--hold-secs`. While it is open, a
-//!   join, a leave and a kill -9 (of a child-process member) follow each other,
-//!   `--contended-events` times, each timed until every member's view has it; the members
-//!   that leave and the children that are killed joined before the transaction opened. Only
-//!   events that start while it is open count.
+//!   own) and a fifth holds a fenced transaction open for `--hold-secs`. While it is open,
+//!   three loops run side by side: joins, leaves, and kill -9s of child-process members, up
+//!   to `--contended-events` each, each event timed until every member's view has it; the
+//!   members that leave and the children that are killed joined before the transaction
+//!   opened. Only events that start while it is open count.
 //! - **churn**: ⌈N/10⌉ members are child processes; all are killed with SIGKILL at once and
 //!   started again at once; time until every in-process member's view holds each of them
 //!   again under a new incarnation. `--churn-rounds` times.
@@ -1212,9 +1212,9 @@ fn ticker(
 
 /// Joins, leaves and reaps while 4 members tick back to back and a fifth holds a fenced
 /// transaction open. The members that leave and the child processes that are killed join
-/// before the transaction opens; during it, one join, one leave and one kill -9 follow each
-/// other, `--contended-events` times or until the transaction ends. Only events that start
-/// while it is open count.
+/// before the transaction opens; during it, joins, leaves and kill -9s run in three loops
+/// side by side, `--contended-events` each or until the transaction ends. Only events that
+/// start while it is open count.
 async fn contended(cx: &Ctx<'_>, members: &[Member], r: &mut SizeResult) -> Result<()> {
     let o = cx.opts;
     cx.local
@@ -1345,31 +1345,37 @@ async fn contended(cx: &Ctx<'_>, members: &[Member], r: &mut SizeResult) -> Resu
     let (mut joins, mut leaves, mut reaps) = (Vec::new(), Vec::new(), Vec::new());
     let mut joiners = Vec::new();
     if let Ok(Ok(_)) = opened {
-        for i in 0..events {
-            if Instant::now() >= hold_end {
-                break;
+        // Three loops side by side, so that an event kind that waits behind the held
+        // transaction does not keep the others out of the window.
+        let join_loop = async {
+            for i in 0..events {
+                if Instant::now() >= hold_end {
+                    break;
+                }
+                // Join: until every view, the joiner's too, has it.
+                let id = format!("c-joiner-{i}");
+                let t0 = Instant::now();
+                let res = async {
+                    let (m, _) = join_retrying(&cx.pg, &id, t0 + o.timeout).await?;
+                    cx.losses.watch(id.clone(), m.watch(), cx.started);
+                    let mut all = obs.clone();
+                    all.push((id.clone(), m.watch()));
+                    joiners.push(m);
+                    let want = id.clone();
+                    let last = all_hold(&all, &format!("{id} join"), t0 + o.timeout, move |v| {
+                        v.is_joined() && has(v, &want)
+                    })
+                    .await?;
+                    Ok(last - t0)
+                }
+                .await;
+                joins.push((t0, res));
             }
-            // Join: until every view, the joiner's too, has it.
-            let id = format!("c-joiner-{i}");
-            let t0 = Instant::now();
-            let res = async {
-                let (m, _) = join_retrying(&cx.pg, &id, t0 + o.timeout).await?;
-                cx.losses.watch(id.clone(), m.watch(), cx.started);
-                let mut all = obs.clone();
-                all.push((id.clone(), m.watch()));
-                joiners.push(m);
-                let want = id.clone();
-                let last = all_hold(&all, &format!("{id} join"), t0 + o.timeout, move |v| {
-                    v.is_joined() && has(v, &want)
-                })
-                .await?;
-                Ok(last - t0)
-            }
-            .await;
-            joins.push((t0, res));
-
-            // Leave: until every observer's view lacks it.
-            if let Some(m) = leavers.pop() {
+        };
+        let leave_loop = async {
+            while Instant::now() < hold_end {
+                // Leave: until every observer's view lacks it.
+                let Some(m) = leavers.pop() else { break };
                 let id = m.member_id().to_owned();
                 let t0 = Instant::now();
                 let res = async {
@@ -1387,9 +1393,11 @@ async fn contended(cx: &Ctx<'_>, members: &[Member], r: &mut SizeResult) -> Resu
                 .await;
                 leaves.push((t0, res));
             }
-
-            // Reap: kill -9 of a child member, until every observer's view lacks it.
-            if let Some(mut p) = victims.pop() {
+        };
+        let reap_loop = async {
+            while Instant::now() < hold_end {
+                // Reap: kill -9 of a child member, until every observer's view lacks it.
+                let Some(mut p) = victims.pop() else { break };
                 let id = format!("c-victim-{}", victims.len());
                 let res = async {
                     let t0 = p.kill9()?;
@@ -1410,7 +1418,8 @@ async fn contended(cx: &Ctx<'_>, members: &[Member], r: &mut SizeResult) -> Resu
                 }
                 p.reap(o.timeout).await;
             }
-        }
+        };
+        tokio::join!(join_loop, leave_loop, reap_loop);
     } else {
         r.notes.push(format!(
             "contended: the fenced transaction did not open within {:?}; no event was measured",
