@@ -541,3 +541,13 @@ SELECT l.group_name,
   FROM shardlease.leases l
   JOIN shardlease.groups g ON g.name = l.group_name
   LEFT JOIN held h ON h.group_name = l.group_name AND h.slot = l.slot AND h.pid = l.backend_pid;
+
+-- What V1 members (older builds, during a rolling upgrade) still call. They stay safe beside
+-- V2 members: every membership change now goes through the V2 functions above (the same
+-- names), whose FOR UPDATE on the group row conflicts with the V1 fence's FOR SHARE.
+COMMENT ON FUNCTION shardlease.fence(text, bigint, bigint, integer) IS
+  'V1 fence, for members of builds before schema V2 during a rolling upgrade: locks the group row FOR SHARE for the whole transaction. Current members use fence_begin and fence_commit, which never hold a membership change back.';
+COMMENT ON FUNCTION shardlease.renew(bigint) IS
+  'V1 heartbeat, for members of builds before schema V2 during a rolling upgrade: extends the lease on every call. Current members call shardlease.heartbeat.';
+COMMENT ON FUNCTION shardlease.lock_held(integer, integer, integer) IS
+  'True when backend p_pid holds the session advisory lock (p_lock_key, p_slot). Scans pg_locks on every call: for many leases use shardlease.slot_locks (one scan).';
