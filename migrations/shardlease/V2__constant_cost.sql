@@ -74,7 +74,7 @@ COMMENT ON COLUMN shardlease.groups.announced_generation IS
   'The generation the last NOTIFY announced; changes after it are queued in unannounced.';
 COMMENT ON COLUMN shardlease.groups.announced_at IS 'When the last NOTIFY was sent (database clock).';
 COMMENT ON COLUMN shardlease.groups.unannounced IS
-  'Changes since announced_generation, oldest first, not yet announced: {"join":{...}} or {"gone":[...]}, or null for a change that carries no detail.';
+  'Changes since announced_generation, one per generation, oldest first, not yet announced: {"join":{...},"s":S} or {"gone":[...],"s":S} (S: the slot count after it), or null for a change that carries no detail.';
 
 -- The interval between two join announcements of one group.
 CREATE FUNCTION shardlease.announce_gap() RETURNS interval LANGUAGE sql IMMUTABLE AS $$
@@ -89,24 +89,67 @@ CREATE FUNCTION shardlease.announce(p_group text, p_kind text) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
   g shardlease.groups;
-  v_payload text;
+  v_prev bigint;
+  v_chunk jsonb := '[]'::jsonb;
+  v_size integer := 0;
+  v_delta jsonb;
+  v_delta_size integer;
 BEGIN
   SELECT * INTO g FROM shardlease.groups WHERE name = p_group;
-  v_payload := json_build_object(
-    'group', g.name, 'generation', g.generation, 'kind', p_kind,
-    'prev', g.announced_generation, 'slot_count', g.slot_count,
-    'deltas', CASE WHEN jsonb_path_exists(g.unannounced, '$[*] ? (@ == null)') THEN NULL
-                   ELSE g.unannounced END)::text;
-  IF octet_length(v_payload) > 7900 THEN
-    -- Too large for a notification: a hint only; members re-read.
-    v_payload := json_build_object('group', g.name, 'generation', g.generation, 'kind', p_kind)::text;
+  v_prev := g.announced_generation;
+  IF g.generation - g.announced_generation <> jsonb_array_length(g.unannounced)
+     OR jsonb_path_exists(g.unannounced, '$[*] ? (@ == null)') THEN
+    -- A change without detail: a hint only; members re-read.
+    PERFORM shardlease.notify_hint(g.name, g.generation, p_kind);
+  ELSE
+    -- One delta per generation. A notification holds at most 8000 bytes: send as many as
+    -- it takes, in order, each with the generations it spans.
+    FOR v_delta IN SELECT d FROM jsonb_array_elements(g.unannounced) AS d LOOP
+      v_delta_size := octet_length(v_delta::text);
+      IF v_size + v_delta_size > 7000 AND v_size > 0 THEN
+        PERFORM shardlease.notify_deltas(g.name, v_prev, v_chunk, p_kind);
+        v_prev := v_prev + jsonb_array_length(v_chunk);
+        v_chunk := '[]'::jsonb;
+        v_size := 0;
+      END IF;
+      IF v_delta_size > 7000 THEN
+        -- One change too large to announce (a mass reap): a hint for the rest.
+        PERFORM shardlease.notify_hint(g.name, g.generation, p_kind);
+        v_chunk := '[]'::jsonb;
+        EXIT;
+      END IF;
+      v_chunk := v_chunk || jsonb_build_array(v_delta);
+      v_size := v_size + v_delta_size;
+    END LOOP;
+    IF jsonb_array_length(v_chunk) > 0 THEN
+      PERFORM shardlease.notify_deltas(g.name, v_prev, v_chunk, p_kind);
+    END IF;
   END IF;
-  PERFORM pg_notify('shardlease', v_payload);
   UPDATE shardlease.groups
      SET announced_generation = generation, announced_at = clock_timestamp(), unannounced = '[]'
    WHERE name = p_group;
 END
 $$;
+COMMENT ON FUNCTION shardlease.announce(text, text) IS
+  'Internal: NOTIFY shardlease with the group''s changes since the last announcement, as {"group","generation","kind","prev","slot_count","deltas"} (one delta per generation from prev; several notifications when they do not fit in one), or a hint {"group","generation","kind"} when a change carries no detail; then mark them announced. The caller holds the group row FOR UPDATE.';
+
+CREATE FUNCTION shardlease.notify_deltas(p_group text, p_prev bigint, p_deltas jsonb, p_kind text)
+RETURNS void LANGUAGE sql AS $$
+  SELECT pg_notify('shardlease', json_build_object(
+    'group', p_group, 'generation', p_prev + jsonb_array_length(p_deltas), 'kind', p_kind,
+    'prev', p_prev, 'slot_count', (p_deltas -> -1 ->> 's')::integer, 'deltas', p_deltas)::text)
+$$;
+COMMENT ON FUNCTION shardlease.notify_deltas(text, bigint, jsonb, text) IS
+  'Internal: NOTIFY the changes p_deltas, which take the group from generation p_prev on; slot_count is the last change''s.';
+
+CREATE FUNCTION shardlease.notify_hint(p_group text, p_generation bigint, p_kind text)
+RETURNS void LANGUAGE sql AS $$
+  SELECT pg_notify('shardlease', json_build_object(
+    'group', p_group, 'generation', p_generation, 'kind', p_kind)::text)
+$$;
+COMMENT ON FUNCTION shardlease.notify_hint(text, bigint, text) IS
+  'Internal: NOTIFY that the group changed, without the change: members re-read.';
+
 COMMENT ON FUNCTION shardlease.announce(text, text) IS
   'Internal: NOTIFY shardlease with {"group","generation","kind","prev","slot_count","deltas"}: the changes since generation prev (deltas is null when one of them carries no detail), and mark them announced. The caller holds the group row FOR UPDATE.';
 
@@ -161,7 +204,7 @@ BEGIN
   PERFORM set_config('shardlease.in_change', 'on', true);
   UPDATE shardlease.groups
      SET generation = generation + 1, slot_count = p_slot_count, changed_at = clock_timestamp(),
-         unannounced = unannounced || jsonb_build_array(p_delta)
+         unannounced = unannounced || jsonb_build_array(p_delta || jsonb_build_object('s', p_slot_count))
    WHERE name = p_group
   RETURNING generation, announced_at INTO v_generation, v_announced_at;
   PERFORM set_config('shardlease.in_change', '', true);
@@ -271,16 +314,18 @@ RETURNS TABLE (incarnation bigint, reason text)
 LANGUAGE plpgsql AS $$
 BEGIN
   RETURN QUERY
-    SELECT l.incarnation,
-           CASE WHEN l.expires_at <= clock_timestamp() THEN 'expired' ELSE 'disconnected' END
-      FROM shardlease.leases l JOIN shardlease.groups g ON g.name = l.group_name
-     WHERE l.group_name = p_group
-       AND (l.expires_at <= clock_timestamp()
-            OR ((l.member_id = p_member
-                 OR l.slot IN (SELECT c.slot FROM shardlease.leases c
-                                WHERE c.group_name = p_group ORDER BY c.slot LIMIT 3))
-                -- free only when its member is gone; released when this transaction ends
-                AND pg_try_advisory_xact_lock_shared(g.lock_key, l.slot)));
+    WITH candidates AS MATERIALIZED (
+      SELECT l.incarnation, l.slot, l.expires_at <= clock_timestamp() AS expired
+        FROM shardlease.leases l
+       WHERE l.group_name = p_group
+         AND (l.expires_at <= clock_timestamp()
+              OR l.member_id = p_member
+              OR l.slot IN (SELECT c.slot FROM shardlease.leases c
+                             WHERE c.group_name = p_group ORDER BY c.slot LIMIT 3)))
+    SELECT c.incarnation, CASE WHEN c.expired THEN 'expired' ELSE 'disconnected' END
+      FROM candidates c JOIN shardlease.groups g ON g.name = p_group
+     -- a try-lock is free only when its member is gone; released when this transaction ends
+     WHERE c.expired OR pg_try_advisory_xact_lock_shared(g.lock_key, c.slot);
 END
 $$;
 COMMENT ON FUNCTION shardlease.joiner_reapable(text, text) IS
@@ -395,6 +440,8 @@ $$;
 DROP FUNCTION shardlease.bump(text, integer, text);
 
 -- The heartbeat: renew the lease when it runs low, and probe the checkers' slot locks.
+-- The generation it returns is the last one announced, unless announcements have stalled:
+-- a member whose view is older re-reads.
 -- Mostly read-only: a heartbeat writes (and commits asynchronously) only when less than
 -- p_renew_below is left on the lease, so that a member costs about one cheap read per beat.
 CREATE FUNCTION shardlease.heartbeat(p_incarnation bigint, p_probe_slots integer[],
@@ -405,7 +452,13 @@ DECLARE
   l record;
   v_suspect boolean := false;
 BEGIN
-  SELECT le.group_name, le.slot, le.expires_at, le.ttl, g.generation, g.lock_key INTO l
+  SELECT le.group_name, le.slot, le.expires_at, le.ttl, g.lock_key,
+         -- Changes not yet announced will be, within announce_gap: until then members need
+         -- not re-read for them (a burst of joins must not make a thousand members re-read
+         -- the group at every beat). Unless announcements have stalled: then the truth.
+         CASE WHEN g.announced_at > clock_timestamp() - interval '1 second'
+              THEN g.announced_generation ELSE g.generation END AS generation
+    INTO l
     FROM shardlease.leases le JOIN shardlease.groups g ON g.name = le.group_name
    WHERE le.incarnation = p_incarnation AND le.backend_pid = pg_backend_pid()
      AND le.expires_at > clock_timestamp();
@@ -433,7 +486,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION shardlease.heartbeat(bigint, integer[], interval) IS
-  'Heartbeat: when less than p_renew_below is left, extend a live lease by its ttl on the database clock (asynchronous commit); return the group''s generation, and probe the slot locks of p_probe_slots (the checkers): suspect is true when one of them is gone or expired. No row back means the lease is lost.';
+  'Heartbeat: when less than p_renew_below is left, extend a live lease by its ttl on the database clock (asynchronous commit); return the group''s generation, and the group''s generation as last announced (the current one if announcements have stalled for a second): a view older than that is re-read. Probes the slot locks of p_probe_slots (the checkers): suspect is true when one of them is gone or expired. No row back means the lease is lost.';
 
 -- Fenced transactions, step 1: the first statement. Checks without locking anything of the
 -- group, so that a stale view fails fast.

@@ -12,8 +12,9 @@ pub(crate) struct Change {
     deltas: Option<Vec<Delta>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+/// One change, one generation: `{"join": {...}, "s": S}` or `{"gone": [...], "s": S}`
+/// (`s`, the slot count after it, is not needed here: the payload's `slot_count` is the last's).
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Delta {
     Join {
         member: String,
@@ -21,6 +22,41 @@ enum Delta {
         incarnation: i64,
     },
     Gone(Vec<i64>),
+}
+
+#[derive(serde::Deserialize)]
+struct Joined {
+    member: String,
+    slot: u32,
+    incarnation: i64,
+}
+
+#[derive(serde::Deserialize)]
+struct RawDelta {
+    join: Option<Joined>,
+    gone: Option<Vec<i64>>,
+}
+
+impl<'de> serde::Deserialize<'de> for Delta {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Delta, D::Error> {
+        match RawDelta::deserialize(d)? {
+            RawDelta {
+                join: Some(j),
+                gone: None,
+            } => Ok(Delta::Join {
+                member: j.member,
+                slot: j.slot,
+                incarnation: j.incarnation,
+            }),
+            RawDelta {
+                join: None,
+                gone: Some(g),
+            } => Ok(Delta::Gone(g)),
+            _ => Err(serde::de::Error::custom(
+                "a change is either a join or a departure",
+            )),
+        }
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -46,14 +82,27 @@ impl Change {
     }
 
     /// Apply these changes to `view` in place, when the payload carries them and they follow
-    /// on from `view`; `false` (and `view` untouched) means: re-read the tables.
+    /// on from `view` (or overlap it: a view at a generation between prev and this one
+    /// applies the changes after its own); `false` (and `view` untouched) means: re-read the tables.
     /// `incarnation` is the member's own: a change that removes it makes the member lost. No
     /// copy of the view is made: at a thousand members, every member applies every change.
     pub fn apply(&self, view: &mut View, incarnation: i64) -> bool {
         let (Some(deltas), Some(slot_count)) = (self.deltas.as_ref(), self.slot_count) else {
             return false;
         };
-        if self.prev != Some(view.generation) || !self.consistent(view, deltas, slot_count) {
+        // One delta per generation, from prev on: a view that has already reached a later
+        // generation (by a re-read) applies only the rest.
+        let Some(prev) = self.prev else {
+            return false;
+        };
+        if prev > view.generation
+            || self.generation <= view.generation
+            || deltas.len() as u64 != self.generation - prev
+        {
+            return false;
+        }
+        let deltas = &deltas[(view.generation - prev) as usize..];
+        if !self.consistent(view, deltas, slot_count) {
             return false;
         }
         for delta in deltas {
@@ -197,6 +246,33 @@ mod tests {
             .collect();
         assert_eq!(slots, [(0, 1), (1, 6), (2, 5)]);
         assert_eq!((next.generation, next.slot_count), (7, 3));
+    }
+
+    #[test]
+    fn a_view_ahead_of_prev_applies_only_the_rest() {
+        // The view re-read at generation 5, which already has the join of m5.
+        let v = view(5, &[(0, 1), (1, 5)]);
+        let c = Change::parse(
+            r#"{"group":"g","generation":6,"kind":"join","prev":4,"slot_count":3,"deltas":[
+                {"join":{"member":"m5","slot":1,"incarnation":5}},
+                {"join":{"member":"m6","slot":2,"incarnation":6}}]}"#,
+            "g",
+        )
+        .unwrap();
+        let mut next = v.clone();
+        assert!(c.apply(&mut next, 1));
+        let slots: Vec<(u32, i64)> = next
+            .members
+            .iter()
+            .map(|m| (m.slot, m.incarnation))
+            .collect();
+        assert_eq!(slots, [(0, 1), (1, 5), (2, 6)]);
+        // A delta count that does not match the generations is not trusted.
+        let short =
+            r#"{"group":"g","generation":7,"prev":4,"slot_count":3,"deltas":[{"gone":[5]}]}"#;
+        let mut w = v.clone();
+        assert!(!Change::parse(short, "g").unwrap().apply(&mut w, 1));
+        assert_eq!(w, v);
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub(crate) struct Session {
     slot: u32,
     incarnation: i64,
     lock_key: i32,
+    /// The generation the last heartbeat reported, when it was ahead of the view.
+    ahead: Option<u64>,
 }
 
 pub(crate) struct Driver {
@@ -159,6 +161,7 @@ impl Driver {
             slot: row.get::<_, i32>(0) as u32,
             incarnation: row.get(1),
             lock_key: row.get(3),
+            ahead: None,
         };
         let generation: i64 = row.get(2);
         tracing::info!(
@@ -329,7 +332,7 @@ impl Driver {
         }
     }
 
-    async fn on_heartbeat(&self, s: &Session, probe: bool) -> Next {
+    async fn on_heartbeat(&self, s: &mut Session, probe: bool) -> Next {
         let probe = if probe {
             self.probe_slots(s.slot)
         } else {
@@ -358,8 +361,14 @@ impl Driver {
                 return Next::Lost(reason);
             }
         }
-        if generation as u64 != self.view.borrow().generation {
-            // A change whose NOTIFY we did not see: re-read (I6).
+        // A change whose NOTIFY we have not seen a heartbeat later: re-read (I6). One beat
+        // of grace, because the NOTIFY may still be on its way: at a thousand members,
+        // re-reading at once would cost a re-read per member for every change.
+        let seen = self.view.borrow().generation;
+        let overdue = s.ahead.is_some_and(|g| g > seen);
+        s.ahead = Some(generation as u64).filter(|&g| g > seen);
+        if overdue {
+            s.ahead = None;
             return self.refresh_or_lose(s).await;
         }
         Next::Continue
