@@ -28,27 +28,33 @@ COMMENT ON FUNCTION shardlease.slot_locks(integer) IS
   'The session advisory locks (p_lock_key, slot) granted now, with the backends holding them: one scan of pg_locks, whatever the group size.';
 
 -- The group's leases whose member is dead: expired by the database clock, or whose session
--- backend no longer holds the slot lock. One pg_locks scan.
+-- backend is gone. Liveness of a backend comes from the server's backend status array
+-- (pg_stat_get_activity: one copy of it, no lock-manager lock), not from pg_locks, whose
+-- every read takes all 16 lock-manager partition locks and walks a table sized by
+-- max_connections (2 to 7 ms at max_connections 2300, stalling every lock request
+-- meanwhile). A backend holds its slot lock for as long as it lives, and releases it as it
+-- exits, just before it leaves the status array. A pid is only trusted if that backend
+-- started before the lease was taken (a reused pid is not the member).
 CREATE FUNCTION shardlease.dead_leases(p_group text)
 RETURNS TABLE (incarnation bigint, slot integer, backend_pid integer, reason text)
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
   -- plpgsql, not sql: its plan is cached, where a non-inlined sql function is planned per call.
   RETURN QUERY
-    WITH held AS MATERIALIZED (
-      SELECT k.slot, k.pid
-        FROM shardlease.groups g, shardlease.slot_locks(g.lock_key) k
-       WHERE g.name = p_group)
+    WITH alive AS MATERIALIZED (
+      SELECT a.pid, a.backend_start FROM pg_stat_get_activity(NULL) a WHERE a.pid IS NOT NULL)
     SELECT l.incarnation, l.slot, l.backend_pid,
            CASE WHEN l.expires_at <= clock_timestamp() THEN 'expired' ELSE 'disconnected' END
       FROM shardlease.leases l
-      LEFT JOIN held h ON h.slot = l.slot AND h.pid = l.backend_pid
+      LEFT JOIN alive a ON a.pid = l.backend_pid
+                       -- NULL when the caller may not see other roles' start times
+                       AND (a.backend_start IS NULL OR a.backend_start <= l.joined_at)
      WHERE l.group_name = p_group
-       AND (l.expires_at <= clock_timestamp() OR h.pid IS NULL);
+       AND (l.expires_at <= clock_timestamp() OR a.pid IS NULL);
 END
 $$;
 COMMENT ON FUNCTION shardlease.dead_leases(text) IS
-  'The group''s dead leases: expired by the database clock, or disconnected (the backend no longer holds the slot lock). One pg_locks scan.';
+  'The group''s dead leases: expired by the database clock, or disconnected (the lease''s session backend has exited). Reads the backend status array once; no lock-manager lock.';
 
 CREATE OR REPLACE FUNCTION shardlease.needs_reap(p_group text)
 RETURNS boolean LANGUAGE plpgsql STABLE AS $$
@@ -57,7 +63,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION shardlease.needs_reap(text) IS
-  'True when the group has a lease that is expired or whose member''s advisory lock is gone. Lock-free; one pg_locks scan. The group''s checkers poll it.';
+  'True when the group has a lease that is expired or whose member''s session backend has exited. Lock-free, one read of the backend status array: the group''s checkers poll it.';
 
 -- Announcements. Every change made by a shardlease function is queued on its group row
 -- (unannounced) and announced with NOTIFY, carrying the changes since the last announcement
@@ -65,6 +71,7 @@ COMMENT ON FUNCTION shardlease.needs_reap(text) IS
 -- a re-read. Departures are announced at once. Joins are announced at most once per
 -- announce_gap: a burst of N joins must not wake every member N times (at 1,000 members a
 -- cold start would cost half a million wake-ups); the group's checkers flush what is left.
+-- The gap grows with the group (see announce_gap).
 ALTER TABLE shardlease.groups
   ADD COLUMN announced_generation bigint NOT NULL DEFAULT 0,
   ADD COLUMN announced_at timestamptz NOT NULL DEFAULT '-infinity',
@@ -76,12 +83,15 @@ COMMENT ON COLUMN shardlease.groups.announced_at IS 'When the last NOTIFY was se
 COMMENT ON COLUMN shardlease.groups.unannounced IS
   'Changes since announced_generation, one per generation, oldest first, not yet announced: {"join":{...},"s":S} or {"gone":[...],"s":S} (S: the slot count after it), or null for a change that carries no detail.';
 
--- The interval between two join announcements of one group.
-CREATE FUNCTION shardlease.announce_gap() RETURNS interval LANGUAGE sql IMMUTABLE AS $$
-  SELECT interval '100 milliseconds'
+-- The least interval between two join announcements of a group of p_slot_count slots. An
+-- announcement wakes every member, so its cost grows with the group: 0.1 ms per slot, at
+-- most 100 ms, keeps join announcements under about 10,000 wake-ups per second at any size.
+CREATE FUNCTION shardlease.announce_gap(p_slot_count integer) RETURNS interval
+LANGUAGE sql IMMUTABLE AS $$
+  SELECT least(interval '100 milliseconds', p_slot_count * interval '100 microseconds')
 $$;
-COMMENT ON FUNCTION shardlease.announce_gap() IS
-  'The least interval between two announcements of joins in one group: joins in between are announced together.';
+COMMENT ON FUNCTION shardlease.announce_gap(integer) IS
+  'The least interval between two announcements of joins in a group of p_slot_count slots (0.1 ms per slot, at most 100 ms): joins in between are announced together.';
 
 -- NOTIFY the group's unannounced changes and mark them announced. The caller holds the
 -- group row locked (FOR UPDATE).
@@ -161,7 +171,7 @@ LANGUAGE plpgsql AS $$
 BEGIN
   PERFORM 1 FROM shardlease.groups g
    WHERE g.name = p_group AND g.announced_generation <> g.generation
-     AND g.announced_at <= clock_timestamp() - shardlease.announce_gap()
+     AND g.announced_at <= clock_timestamp() - shardlease.announce_gap(g.slot_count)
      FOR UPDATE SKIP LOCKED;
   IF NOT FOUND THEN
     RETURN false;
@@ -207,8 +217,9 @@ BEGIN
          unannounced = unannounced || jsonb_build_array(p_delta || jsonb_build_object('s', p_slot_count))
    WHERE name = p_group
   RETURNING generation, announced_at INTO v_generation, v_announced_at;
+  -- (p_slot_count: the gap of the group as it is now.)
   PERFORM set_config('shardlease.in_change', '', true);
-  IF p_kind <> 'join' OR v_announced_at <= clock_timestamp() - shardlease.announce_gap() THEN
+  IF p_kind <> 'join' OR v_announced_at <= clock_timestamp() - shardlease.announce_gap(p_slot_count) THEN
     PERFORM shardlease.announce(p_group, p_kind);
   END IF;
   RETURN v_generation;
@@ -391,9 +402,15 @@ BEGIN
       p_group, g.slot_count, g.slot_count USING ERRCODE = 'SLI01',
       HINT = 'A hand edit? Set shardlease.groups.slot_count above every lease''s slot, or delete the stray lease.';
   END IF;
-  SELECT min(s) INTO v_slot FROM generate_series(0, g.slot_count - 1) AS s
-   WHERE NOT EXISTS (SELECT 1 FROM shardlease.leases l WHERE l.group_name = p_group AND l.slot = s);
-  v_slot := coalesce(v_slot, g.slot_count);
+  -- The lowest vacant slot: the first slot that differs from its rank, in one ordered index
+  -- scan (slots are unique); with no gap, the next after the last; S when all are taken.
+  SELECT min(x.rank) INTO v_slot
+    FROM (SELECT l.slot, row_number() OVER (ORDER BY l.slot) - 1 AS rank
+            FROM shardlease.leases l WHERE l.group_name = p_group) x
+   WHERE x.slot <> x.rank;
+  IF v_slot IS NULL THEN
+    SELECT count(*) INTO v_slot FROM shardlease.leases l WHERE l.group_name = p_group;
+  END IF;
   IF v_slot >= 65536 THEN
     RAISE EXCEPTION 'shardlease: group "%" is full: 65536 slots', p_group USING ERRCODE = 'SLF01';
   END IF;
@@ -490,8 +507,7 @@ COMMENT ON FUNCTION shardlease.heartbeat(bigint, integer[], interval) IS
 
 -- Fenced transactions, step 1: the first statement. Checks without locking anything of the
 -- group, so that a stale view fails fast.
-CREATE FUNCTION shardlease.fence_begin(p_group text, p_incarnation bigint, p_generation bigint,
-                                       p_idle_timeout_ms integer)
+CREATE FUNCTION shardlease.fence_begin(p_group text, p_incarnation bigint, p_generation bigint)
 RETURNS TABLE (status text, current_generation bigint)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -499,8 +515,9 @@ DECLARE
   v_lock_key integer;
   l shardlease.leases;
 BEGIN
-  -- A member stopped in the middle of its transaction must not hold row locks for long.
-  PERFORM set_config('idle_in_transaction_session_timeout', p_idle_timeout_ms || 'ms', true);
+  -- No time limit: nothing of the group waits for this transaction, and the commit check
+  -- refuses it if the membership changed. A member stopped in the middle of it is ended by
+  -- the reaper when its lease expires (terminate_expired: the mark below proves it).
   SELECT g.generation, g.lock_key INTO v_generation, v_lock_key
     FROM shardlease.groups g WHERE g.name = p_group;
   IF NOT FOUND THEN
@@ -526,8 +543,8 @@ BEGIN
   RETURN QUERY SELECT 'ok'::text, v_generation;
 END
 $$;
-COMMENT ON FUNCTION shardlease.fence_begin(text, bigint, bigint, integer) IS
-  'Fenced transaction, first statement: bound its idle time, check (without locking) that the generation is still p_generation and the lease live, and mark the transaction as the member''s. Status ok, stale_generation, lease_gone, lease_expired or no_group.';
+COMMENT ON FUNCTION shardlease.fence_begin(text, bigint, bigint) IS
+  'Fenced transaction, first statement: check (without locking) that the generation is still p_generation and the lease live, and mark the transaction as the member''s. Status ok, stale_generation, lease_gone, lease_expired or no_group.';
 
 -- Fenced transactions, step 2: sent with COMMIT in one message, so that the shared lock is
 -- held only while the server commits. Raises SLX01 when the fence no longer holds.

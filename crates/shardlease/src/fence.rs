@@ -44,9 +44,9 @@ impl Fence {
     /// transaction pooler such as PgBouncer in transaction mode is fine).
     ///
     /// The first statement checks that the generation is still this fence's and that the
-    /// lease is live, and bounds the transaction's idle time by the lease TTL. Nothing of the
-    /// group is locked while the transaction runs: the decisive check comes with
-    /// [`FencedTransaction::commit`]. If a check fails, the transaction is rolled back and
+    /// lease is live. Nothing of the group is locked while the transaction runs, however
+    /// long it takes: the decisive check comes with [`FencedTransaction::commit`]. (If the
+    /// member hangs, the reaper ends this transaction when the lease expires.) If a check fails, the transaction is rolled back and
     /// [`Error::Fenced`] says why; refresh the view and retry.
     ///
     /// ```no_run
@@ -63,12 +63,11 @@ impl Fence {
         let tx = client.transaction().await.doing(doing)?;
         let row = tx
             .query_typed(
-                "SELECT status, current_generation FROM shardlease.fence_begin($1, $2, $3, $4)",
+                "SELECT status, current_generation FROM shardlease.fence_begin($1, $2, $3)",
                 &[
                     (&self.group, Type::TEXT),
                     (&self.incarnation, Type::INT8),
                     (&(self.generation as i64), Type::INT8),
-                    (&self.timeout_ms, Type::INT4),
                 ],
             )
             .await

@@ -73,7 +73,7 @@ async fn concurrent_migrate_is_safe_and_idempotent() {
 }
 
 #[tokio::test]
-async fn every_table_view_and_column_has_a_comment() {
+async fn every_table_view_column_and_function_has_a_comment() {
     let db = TestDb::migrated().await;
     let c = db.client().await;
     let missing: Vec<String> = c
@@ -83,7 +83,11 @@ async fn every_table_view_and_column_has_a_comment() {
              LEFT JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
              WHERE c.relkind IN ('r', 'v') AND c.relname <> 'schema_history' \
                AND (obj_description(c.oid, 'pg_class') IS NULL \
-                    OR (a.attname IS NOT NULL AND col_description(c.oid, a.attnum) IS NULL))",
+                    OR (a.attname IS NOT NULL AND col_description(c.oid, a.attnum) IS NULL)) \
+             UNION ALL \
+             SELECT p.oid::regprocedure::text FROM pg_proc p \
+             JOIN pg_namespace n ON n.oid = p.pronamespace AND n.nspname = 'shardlease' \
+             WHERE obj_description(p.oid, 'pg_proc') IS NULL",
             &[],
         )
         .await
