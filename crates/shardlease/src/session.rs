@@ -3,9 +3,10 @@
 //! group's checkers, and reconnects when it must.
 //!
 //! Cost at rest, per member and heartbeat: one statement (`shardlease.heartbeat`), whatever
-//! the group size. Only the [`CHECKERS`] lowest slots look for crashes, each with one
-//! `pg_locks` scan per crash-check interval; everyone else's heartbeat probes the checkers'
-//! slot locks, so that a group whose checkers all died still notices. Membership changes
+//! the group size. Only the [`CHECKERS`] lowest slots look for crashes, once per crash-check
+//! interval each, with a shared try-lock per lease (no `pg_locks` scan); everyone else's
+//! heartbeat probes the checkers' slot locks now and then, so that a group whose checkers
+//! all died still notices. Membership changes
 //! arrive as notifications that carry the change, applied to the view without a re-read when
 //! they follow on from it (a re-read otherwise, once per burst).
 
