@@ -327,7 +327,7 @@ LANGUAGE plpgsql AS $$
 BEGIN
   RETURN QUERY
     WITH candidates AS MATERIALIZED (
-      SELECT l.incarnation, l.slot, l.expires_at <= clock_timestamp() AS expired
+      SELECT l.incarnation, l.slot, l.backend_pid, l.expires_at <= clock_timestamp() AS expired
         FROM shardlease.leases l
        WHERE l.group_name = p_group
          AND (l.expires_at <= clock_timestamp()
@@ -337,7 +337,9 @@ BEGIN
     SELECT c.incarnation, CASE WHEN c.expired THEN 'expired' ELSE 'disconnected' END
       FROM candidates c JOIN shardlease.groups g ON g.name = p_group
      -- a try-lock is free only when its member is gone; released when this transaction ends
-     WHERE c.expired OR pg_try_advisory_xact_lock_shared(g.lock_key, c.slot);
+     -- (not our own backend's lease: a backend never conflicts with itself)
+     WHERE c.expired
+        OR (c.backend_pid <> pg_backend_pid() AND pg_try_advisory_xact_lock_shared(g.lock_key, c.slot));
 END
 $$;
 COMMENT ON FUNCTION shardlease.joiner_reapable(text, text) IS

@@ -524,9 +524,16 @@ async fn reconnects_and_rejoins_after_its_session_backend_is_terminated() {
 async fn the_view_converges_when_a_notify_never_arrives() {
     let db = TestDb::migrated().await;
     let admin = db.client().await;
-    // No NOTIFY at all from now on.
+    // No NOTIFY at all from now on: neither the trigger's (hand edits) nor the library's own
+    // announcements.
     admin
-        .batch_execute("ALTER TABLE shardlease.groups DISABLE TRIGGER notify_change")
+        .batch_execute(
+            "ALTER TABLE shardlease.groups DISABLE TRIGGER notify_change; \
+             CREATE OR REPLACE FUNCTION shardlease.notify_deltas(p_group text, p_prev bigint, \
+               p_deltas jsonb, p_kind text) RETURNS void LANGUAGE sql AS 'SELECT'; \
+             CREATE OR REPLACE FUNCTION shardlease.notify_hint(p_group text, p_generation bigint, \
+               p_kind text) RETURNS void LANGUAGE sql AS 'SELECT'",
+        )
         .await
         .unwrap();
     let hb = Duration::from_millis(300);
