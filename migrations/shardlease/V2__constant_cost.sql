@@ -318,22 +318,23 @@ BEGIN
 END
 $$;
 
--- What a joiner reaps, without a pg_locks scan: expired leases, and, when their slot lock
--- is free, its own member id's earlier lease and the checkers' (the lowest slots). Finding
--- other crashed members is the checkers' work.
+-- What a joiner reaps, in O(log N): the checkers' leases (the lowest slots) and its own
+-- member id's earlier lease, when they are expired or their slot lock is free. Finding other
+-- crashed or expired members is the checkers' work; a joiner only makes sure that there are
+-- live checkers to do it.
 CREATE FUNCTION shardlease.joiner_reapable(p_group text, p_member text)
 RETURNS TABLE (incarnation bigint, reason text)
 LANGUAGE plpgsql AS $$
 BEGIN
   RETURN QUERY
     WITH candidates AS MATERIALIZED (
-      SELECT l.incarnation, l.slot, l.backend_pid, l.expires_at <= clock_timestamp() AS expired
-        FROM shardlease.leases l
-       WHERE l.group_name = p_group
-         AND (l.expires_at <= clock_timestamp()
-              OR l.member_id = p_member
-              OR l.slot IN (SELECT c.slot FROM shardlease.leases c
-                             WHERE c.group_name = p_group ORDER BY c.slot LIMIT 3)))
+      (SELECT l.incarnation, l.slot, l.backend_pid, l.expires_at <= clock_timestamp() AS expired
+         FROM shardlease.leases l
+        WHERE l.group_name = p_group ORDER BY l.slot LIMIT 3)
+      UNION
+      (SELECT l.incarnation, l.slot, l.backend_pid, l.expires_at <= clock_timestamp()
+         FROM shardlease.leases l
+        WHERE l.group_name = p_group AND l.member_id = p_member))
     SELECT c.incarnation, CASE WHEN c.expired THEN 'expired' ELSE 'disconnected' END
       FROM candidates c JOIN shardlease.groups g ON g.name = p_group
      -- a try-lock is free only when its member is gone; released when this transaction ends
@@ -343,7 +344,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION shardlease.joiner_reapable(text, text) IS
-  'Internal: the leases a joiner reaps: expired ones, and its own member id''s and the checkers'' (three lowest slots) when their slot lock is free. No pg_locks scan.';
+  'Internal: the leases a joiner reaps: the checkers'' (three lowest slots) and its own member id''s, when expired or when their slot lock is free. Index lookups only.';
 
 CREATE OR REPLACE FUNCTION shardlease.reap(p_group text)
 RETURNS TABLE (member_id text, slot integer, incarnation bigint, reason text, generation bigint)
@@ -380,10 +381,13 @@ BEGIN
   INSERT INTO shardlease.groups (name, protocol_version) VALUES (p_group, p_protocol)
     ON CONFLICT (name) DO NOTHING;
   SELECT * INTO g FROM shardlease.groups WHERE name = p_group FOR UPDATE;
-  PERFORM shardlease.terminate_expired(p_group);
   SELECT array_agg(r.incarnation), array_agg(r.reason) INTO v_reap, v_reasons
     FROM shardlease.joiner_reapable(p_group, p_member) r;
   IF v_reap IS NOT NULL THEN
+    -- End expired members' proven backends before their leases go.
+    IF 'expired' = ANY (v_reasons) THEN
+      PERFORM shardlease.terminate_expired(p_group);
+    END IF;
     PERFORM shardlease.delete_leases(p_group, g.slot_count, v_reap, v_reasons);
     SELECT * INTO g FROM shardlease.groups WHERE name = p_group;
   END IF;
@@ -624,3 +628,7 @@ COMMENT ON FUNCTION shardlease.renew(bigint) IS
   'V1 heartbeat, for members of builds before schema V2 during a rolling upgrade: extends the lease on every call. Current members call shardlease.heartbeat.';
 COMMENT ON FUNCTION shardlease.lock_held(integer, integer, integer) IS
   'True when backend p_pid holds the session advisory lock (p_lock_key, p_slot). Scans pg_locks on every call: for many leases use shardlease.slot_locks (one scan).';
+COMMENT ON FUNCTION shardlease.join(text, text, interval, jsonb, integer) IS
+  'Join a group in one transaction: lock the group row, reap the checkers (three lowest slots) and this member id''s earlier lease if they are dead, take the lowest vacant slot (or slot S, S grows), take the session advisory lock, insert the lease, bump the generation and queue the announcement. Call it on the member''s dedicated session connection.';
+COMMENT ON FUNCTION shardlease.reap(text) IS
+  'Reap the group''s dead members (expired leases, or members whose slot lock is free) in one transaction: lock the group row, end the expired members'' proven backends, delete their leases, shrink S, bump the generation, announce. Returns the reaped leases.';
