@@ -218,8 +218,8 @@ BEGIN
          unannounced = unannounced || jsonb_build_array(p_delta || jsonb_build_object('s', p_slot_count))
    WHERE name = p_group
   RETURNING generation, announced_at INTO v_generation, v_announced_at;
-  -- (p_slot_count: the gap of the group as it is now.)
   PERFORM set_config('shardlease.in_change', '', true);
+  -- The gap of the group at its new size (see announce_gap).
   IF p_kind <> 'join' OR v_announced_at <= clock_timestamp() - shardlease.announce_gap(p_slot_count) THEN
     PERFORM shardlease.announce(p_group, p_kind);
   END IF;

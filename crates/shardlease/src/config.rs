@@ -20,12 +20,14 @@ pub struct MemberConfig {
     pub group: String,
     /// This member's id, unique in the group (1 to 200 characters). The worker uses the pod name.
     pub member_id: String,
-    /// How often the lease is renewed and the view re-read. Default 1 s.
+    /// How often the lease is checked (and, every other beat, extended) and the generation
+    /// compared with the view's. Default 1 s.
     pub heartbeat: Duration,
     /// Lease time-to-live, by the database clock. Must exceed twice the heartbeat. Default 5 s.
     pub lease_ttl: Duration,
-    /// How often the member checks for crashed members (advisory locks gone) and expired
-    /// leases. Bounds crash detection. Default 100 ms; at most the heartbeat.
+    /// How often each of the group's three checkers (its lowest slots) looks for crashed
+    /// members (slot locks free) and expired leases; they take turns, so the group checks
+    /// three times per interval. Bounds crash detection. Default 100 ms; at most the heartbeat.
     pub crash_check: Duration,
     /// Upper bound of the reconnect backoff. Default 5 s.
     pub reconnect_max_backoff: Duration,
@@ -126,9 +128,9 @@ impl MemberConfig {
             .as_millis() as i64
     }
 
-    /// The bound on any single statement or lock wait of this member's coordination work,
-    /// and on a fenced transaction: the lease TTL.
-    pub(crate) fn statement_timeout(&self) -> Duration {
+    /// How long a fenced transaction's commit check may wait for the group's fence lock
+    /// (held exclusively only while a membership change commits): the lease TTL.
+    pub(crate) fn fence_lock_timeout(&self) -> Duration {
         self.lease_ttl
     }
 }

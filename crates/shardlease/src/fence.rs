@@ -145,27 +145,23 @@ impl<'a> FencedTransaction<'a> {
 
     fn commit_error(&self, e: tokio_postgres::Error) -> Error {
         let f = &self.fence;
-        let Some(db) = e.as_db_error() else {
-            return Error::Db {
-                doing: format!("committing a fenced transaction in group {:?}", f.group),
-                source: e,
-            };
-        };
-        let code = db.code().code();
-        if code == sqlstate::FENCED {
-            let status = db.message().trim_start_matches("shardlease fence: ");
-            let current = db
-                .detail()
-                .and_then(|d| d.strip_prefix("current generation "))
-                .and_then(|d| d.split(',').next())
-                .and_then(|g| g.parse().ok());
-            let reason = FenceReason::from_status(status).unwrap_or(FenceReason::NoGroup);
-            return f.refused(reason, current);
-        }
-        if code == "40001" {
-            // Repeatable read or serializable: the group row changed since the snapshot.
-            tracing::debug!(group = %f.group, error = %describe_db_error(&e), "fenced at commit by a serialization failure");
-            return f.refused(FenceReason::StaleGeneration, None);
+        if let Some(db) = e.as_db_error() {
+            let code = db.code().code();
+            if code == sqlstate::FENCED {
+                let status = db.message().trim_start_matches("shardlease fence: ");
+                let current = db
+                    .detail()
+                    .and_then(|d| d.strip_prefix("current generation "))
+                    .and_then(|d| d.split(',').next())
+                    .and_then(|g| g.parse().ok());
+                let reason = FenceReason::from_status(status).unwrap_or(FenceReason::NoGroup);
+                return f.refused(reason, current);
+            }
+            if code == "40001" {
+                // Repeatable read or serializable: the group row changed since the snapshot.
+                tracing::debug!(group = %f.group, error = %describe_db_error(&e), "fenced at commit by a serialization failure");
+                return f.refused(FenceReason::StaleGeneration, None);
+            }
         }
         Error::Db {
             doing: format!("committing a fenced transaction in group {:?}", f.group),

@@ -64,7 +64,7 @@ impl Member {
             state: MemberState::Lost {
                 reason: "not joined yet".into(),
             },
-            fence_timeout_ms: timeout_ms(cfg.lease_ttl),
+            fence_timeout_ms: timeout_ms(cfg.fence_lock_timeout()),
         });
         let leave = CancellationToken::new();
         let abort = CancellationToken::new();

@@ -6,9 +6,9 @@
 //! the group size. Only the [`CHECKERS`] lowest slots look for crashes, once per crash-check
 //! interval each, with a shared try-lock per lease (no `pg_locks` scan); everyone else's
 //! heartbeat probes the checkers' slot locks now and then, so that a group whose checkers
-//! all died still notices. Membership changes
-//! arrive as notifications that carry the change, applied to the view without a re-read when
-//! they follow on from it (a re-read otherwise, once per burst).
+//! all died still notices. Membership changes arrive as notifications that carry the change,
+//! applied to the view without a re-read when they follow on from it (a re-read otherwise,
+//! once per burst).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -232,7 +232,7 @@ impl Driver {
                 }
             };
             // Checkers look for crashes at their own phase of the interval; others never.
-            let rank = self.checker_rank(s.slot);
+            let rank = self.checker_slots().iter().position(|&c| c == s.slot);
             if rank.is_none() {
                 next_check = None;
             } else if next_check.is_none() {
@@ -280,26 +280,10 @@ impl Driver {
         }
     }
 
-    /// This member's rank among the group's checkers (the lowest slots), if it is one.
-    fn checker_rank(&self, slot: u32) -> Option<usize> {
-        self.view
-            .borrow()
-            .members
-            .iter()
-            .take(CHECKERS)
-            .position(|m| m.slot == slot)
-    }
-
-    /// The checkers' slots other than ours: what our heartbeat probes.
-    fn probe_slots(&self, slot: u32) -> Vec<i32> {
-        self.view
-            .borrow()
-            .members
-            .iter()
-            .take(CHECKERS)
-            .filter(|m| m.slot != slot)
-            .map(|m| m.slot as i32)
-            .collect()
+    /// The group's checkers: the slots of the view's lowest [`CHECKERS`] members.
+    fn checker_slots(&self) -> Vec<u32> {
+        let view = self.view.borrow();
+        view.members.iter().take(CHECKERS).map(|m| m.slot).collect()
     }
 
     /// Handle `first` and every notification already queued behind it: changes that follow
@@ -334,8 +318,13 @@ impl Driver {
     }
 
     async fn on_heartbeat(&self, s: &mut Session, probe: bool) -> Next {
-        let probe = if probe {
-            self.probe_slots(s.slot)
+        // The checkers' slots other than ours (the SQL skips our own anyway).
+        let probe: Vec<i32> = if probe {
+            self.checker_slots()
+                .into_iter()
+                .filter(|&c| c != s.slot)
+                .map(|c| c as i32)
+                .collect()
         } else {
             Vec::new()
         };
@@ -409,11 +398,11 @@ impl Driver {
     }
 
     fn db_error(&self, doing: &str, e: tokio_postgres::Error) -> Next {
+        let broken = e.is_closed() || e.code().is_none();
         let err = Error::Db {
             doing: format!("{doing} ({})", self.who()),
             source: e,
         };
-        let broken = matches!(&err, Error::Db { source, .. } if source.is_closed() || source.code().is_none());
         if broken {
             Next::Lost(err.to_string())
         } else {
@@ -487,7 +476,7 @@ impl Driver {
             slot_count,
             members,
             state,
-            fence_timeout_ms: timeout_ms(self.cfg.statement_timeout()),
+            fence_timeout_ms: timeout_ms(self.cfg.fence_lock_timeout()),
         };
         let changed = self.view.send_if_modified(|v| {
             if *v == new {
