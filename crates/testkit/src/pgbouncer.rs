@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use shardlease::tokio_postgres::config::Host;
 use shardlease::DbConfig;
 
-use crate::{base_url, with_database, with_host_port};
+use shardlease::tokio_postgres::Config;
+
+use crate::{base_config, url_of};
 
 /// Where the binary is looked for when it is not on `PATH` (Debian's package puts it there,
 /// and `/usr/sbin` is not on every user's `PATH`).
@@ -121,19 +123,31 @@ impl PgBouncer {
         self.mode
     }
 
-    /// The URL of database `db_name` through this PgBouncer: `DATABASE_URL` with the host
-    /// and port of PgBouncer and the database replaced (see [`with_host_port`] and
-    /// [`with_database`]).
+    /// The URL of database `db_name` through this PgBouncer (see [`PgBouncer::db_config`]).
     pub fn url(&self, db_name: &str) -> String {
-        with_database(
-            &with_host_port(&base_url(), "127.0.0.1", self.port),
-            db_name,
-        )
+        url_of(&self.db_config(db_name))
     }
 
-    /// [`PgBouncer::url`], parsed.
+    /// Database `db_name` through this PgBouncer: the user and password of `DATABASE_URL`,
+    /// 127.0.0.1 and PgBouncer's port, without TLS.
     pub fn db_config(&self, db_name: &str) -> DbConfig {
-        shardlease::parse_database_url(&self.url(db_name)).expect("the PgBouncer URL parses")
+        let server = base_config();
+        let mut pg = Config::new();
+        if let Some(user) = server.get_user() {
+            pg.user(user);
+        }
+        if let Some(password) = server.get_password() {
+            pg.password(password);
+        }
+        if let Some(timeout) = server.get_connect_timeout() {
+            pg.connect_timeout(*timeout);
+        }
+        pg.host("127.0.0.1")
+            .port(self.port)
+            .dbname(db_name)
+            .keepalives(server.get_keepalives())
+            .keepalives_idle(server.get_keepalives_idle());
+        DbConfig::new(pg)
     }
 
     /// Its log so far (for failure messages).
@@ -181,7 +195,7 @@ impl PgBouncer {
         pool_size: u32,
     ) -> Result<Child, StartError> {
         let failed = |what: String| StartError::Failed(what);
-        let server = shardlease::parse_database_url(&base_url()).expect("DATABASE_URL parses");
+        let server = base_config();
         let user = server.get_user().unwrap_or("postgres").to_owned();
         let password = server
             .get_password()

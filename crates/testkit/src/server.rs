@@ -1,12 +1,13 @@
-//! A private PostgreSQL cluster: `initdb` on a free port in a temporary directory, for tests
-//! and benchmarks that restart the server, change its settings, need many connections or
-//! measure its CPU, and so must not share the server of the other tests.
+//! A private PostgreSQL cluster for tests and benchmarks that restart the server, change its
+//! settings, need many connections or measure its CPU, and so must not share the server of
+//! the other tests. The cluster itself is `shardlease-localpg`'s (the code the worker's
+//! `demo` uses on a first run); this adds the CPU measurements and `io::Result`s.
 
 use std::io;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::PathBuf;
 use std::time::Duration;
+
+use shardlease_localpg::{Builder, Cluster};
 
 use crate::cpu::{cluster_cpu_time, CpuUse};
 
@@ -14,7 +15,8 @@ use crate::cpu::{cluster_cpu_time, CpuUse};
 /// `postgres` OS user when run as root, since `initdb` refuses root), listening on a free
 /// port of 127.0.0.1 with `trust` authentication for user `postgres`.
 ///
-/// Dropping it stops the server (`pg_ctl stop -m immediate`) and removes the directory.
+/// Dropping it stops the server (`pg_ctl stop -m immediate`) and removes the directory; so
+/// does a watchdog when the test process is killed first.
 ///
 /// ```no_run
 /// let server = shardlease_testkit::PrivateServer::builder()
@@ -28,58 +30,95 @@ use crate::cpu::{cluster_cpu_time, CpuUse};
 /// ```
 #[derive(Debug)]
 pub struct PrivateServer {
-    bin: PathBuf,
-    dir: PathBuf,
-    port: u16,
+    cluster: Cluster,
 }
 
 /// Settings of a [`PrivateServer`], written to its `postgresql.conf` before the first start.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 #[must_use]
 pub struct PrivateServerBuilder {
-    max_connections: Option<u32>,
-    shared_buffers: Option<String>,
-    lines: Vec<String>,
+    builder: Builder,
+    hba: Vec<String>,
+    files: Vec<(String, Vec<u8>)>,
+}
+
+impl Default for PrivateServerBuilder {
+    fn default() -> Self {
+        PrivateServerBuilder {
+            builder: Builder::new().dir_prefix("shardlease-pg"),
+            hba: Vec::new(),
+            files: Vec::new(),
+        }
+    }
 }
 
 impl PrivateServerBuilder {
     /// `max_connections` (PostgreSQL's default is 100).
     pub fn max_connections(mut self, n: u32) -> Self {
-        self.max_connections = Some(n);
+        self.builder = self.builder.max_connections(n);
         self
     }
 
     /// `shared_buffers`, as PostgreSQL spells it: `"128MB"`, `"1GB"`.
     pub fn shared_buffers(mut self, size: impl Into<String>) -> Self {
-        self.shared_buffers = Some(size.into());
+        self.builder = self.builder.shared_buffers(size);
         self
     }
 
     /// Any other `postgresql.conf` line, e.g. `"track_commit_timestamp = on"` or
     /// `"shared_preload_libraries = 'pg_stat_statements'"`. Later lines win, as in the file.
     pub fn conf(mut self, line: impl Into<String>) -> Self {
-        self.lines.push(line.into());
+        self.builder = self.builder.conf(line);
+        self
+    }
+
+    /// A `pg_hba.conf` line, put before initdb's own lines (the first match wins), e.g.
+    /// `"hostssl all all 127.0.0.1/32 cert clientcert=verify-full"`.
+    pub fn hba(mut self, line: impl Into<String>) -> Self {
+        self.hba.push(line.into());
+        self
+    }
+
+    /// A file written into the data directory before the first start, readable by the server
+    /// only (mode 0600, owned by the `postgres` OS user when run as root): certificates and
+    /// keys for `ssl_cert_file = 'server.crt'` and the like.
+    pub fn file(mut self, name: impl Into<String>, contents: impl Into<Vec<u8>>) -> Self {
+        self.files.push((name.into(), contents.into()));
         self
     }
 
     /// Create the cluster and start it; returns once it accepts connections.
     pub fn start(self) -> io::Result<PrivateServer> {
-        let bin = pg_bin()?;
-        let mut last = None;
-        // A free port can be taken between our probe and the server's bind: try a few.
-        for _ in 0..3 {
-            let port = free_port()?;
-            let server = PrivateServer::init(bin.clone(), port, &self)?;
-            match server.start() {
-                Ok(()) => return Ok(server),
-                Err(e) => last = Some(e),
-            }
+        if self.hba.is_empty() && self.files.is_empty() {
+            return Ok(PrivateServer {
+                cluster: self.builder.start().map_err(io::Error::other)?,
+            });
         }
-        Err(last.unwrap_or_else(|| io::Error::other("the private server did not start")))
+        let server = self.init()?;
+        server.start()?;
+        Ok(server)
+    }
+
+    /// Create the cluster without starting it (to write certificates or `pg_hba.conf`
+    /// first, through [`PrivateServer::cluster`]); [`PrivateServer::start`] starts it.
+    /// The [`hba`](Self::hba) lines and [`file`](Self::file)s are written already.
+    pub fn init(self) -> io::Result<PrivateServer> {
+        let cluster = self.builder.init().map_err(io::Error::other)?;
+        if !self.hba.is_empty() {
+            let initdb_lines = std::fs::read_to_string(cluster.data_dir().join("pg_hba.conf"))?;
+            let text = self.hba.join("\n") + "\n" + &initdb_lines;
+            cluster
+                .write_data_file("pg_hba.conf", text.as_bytes())
+                .map_err(io::Error::other)?;
+        }
+        for (name, contents) in &self.files {
+            cluster
+                .write_data_file(name, contents)
+                .map_err(io::Error::other)?;
+        }
+        Ok(PrivateServer { cluster })
     }
 }
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl PrivateServer {
     /// Settings for a new cluster; [`PrivateServerBuilder::start`] creates and starts it.
@@ -92,130 +131,74 @@ impl PrivateServer {
         PrivateServer::builder().start()
     }
 
-    fn init(bin: PathBuf, port: u16, settings: &PrivateServerBuilder) -> io::Result<PrivateServer> {
-        let dir = std::env::temp_dir().join(format!(
-            "shardlease-pg-{}-{port}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir)?;
-        // From here on, Drop removes the directory, whatever fails next.
-        let server = PrivateServer { bin, dir, port };
-        if is_root() {
-            let out = Command::new("chown")
-                .arg("postgres:postgres")
-                .arg(&server.dir)
-                .output()?;
-            check(&out, "chown postgres:postgres of the server directory")?;
-        }
-        let data = server.data_dir();
-        let out = run_pg(
-            &server.bin.join("initdb"),
-            &[
-                "-D".as_ref(),
-                data.as_os_str(),
-                "-U".as_ref(),
-                "postgres".as_ref(),
-                "--auth=trust".as_ref(),
-                "-E".as_ref(),
-                "UTF8".as_ref(),
-                "--no-sync".as_ref(),
-            ],
-        )?;
-        check(&out, "initdb")?;
-        let mut conf = format!(
-            "\n# shardlease-testkit PrivateServer\nport = {port}\nlisten_addresses = '127.0.0.1'\n\
-             unix_socket_directories = '{}'\n",
-            server.dir.display()
-        );
-        if let Some(n) = settings.max_connections {
-            conf += &format!("max_connections = {n}\n");
-        }
-        if let Some(s) = &settings.shared_buffers {
-            conf += &format!("shared_buffers = '{s}'\n");
-        }
-        for line in &settings.lines {
-            conf += line;
-            conf += "\n";
-        }
-        let path = data.join("postgresql.conf");
-        let mut text = std::fs::read_to_string(&path)?;
-        text += &conf;
-        std::fs::write(&path, text)?;
-        Ok(server)
-    }
-
     /// Start the (stopped) server; returns once it accepts connections (at most 60 s).
     pub fn start(&self) -> io::Result<()> {
-        self.ctl(&["start", "-w", "-t", "60"])
+        self.cluster.start().map_err(io::Error::other)
     }
 
     /// Stop the server, fast: open transactions are rolled back and sessions ended.
     pub fn stop(&self) -> io::Result<()> {
-        self.ctl(&["stop", "-m", "fast", "-w", "-t", "60"])
+        self.cluster.stop().map_err(io::Error::other)
     }
 
     /// Restart the server, fast (every session is ended); returns once it accepts
     /// connections again.
     pub fn restart(&self) -> io::Result<()> {
-        self.ctl(&["restart", "-m", "fast", "-w", "-t", "60"])
+        self.cluster.restart().map_err(io::Error::other)
     }
 
-    fn ctl(&self, args: &[&str]) -> io::Result<()> {
-        let data = self.data_dir();
-        let log = self.log_path();
-        let mut all: Vec<&std::ffi::OsStr> = vec![
-            "-D".as_ref(),
-            data.as_os_str(),
-            "-l".as_ref(),
-            log.as_os_str(),
-        ];
-        all.extend(args.iter().map(std::ffi::OsStr::new));
-        let out = run_pg(&self.bin.join("pg_ctl"), &all)?;
-        check(&out, &format!("pg_ctl {}", args[0])).map_err(|e| {
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = tail.lines().rev().take(10).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            io::Error::other(format!(
-                "{e}\n--- server log ({}) ---\n{}",
-                log.display(),
-                tail.join("\n")
-            ))
+    /// A streaming standby of this server, started (see `shardlease_localpg::Cluster::standby`):
+    /// asynchronous, so that a test can stop it, write more on this server, and promote it
+    /// ([`PrivateServer::promote`]) into a failover that loses those writes.
+    pub fn standby(&self) -> io::Result<PrivateServer> {
+        Ok(PrivateServer {
+            cluster: self.cluster.standby().map_err(io::Error::other)?,
         })
+    }
+
+    /// Promote this standby to a primary (a new timeline); returns once it is one.
+    pub fn promote(&self) -> io::Result<()> {
+        self.cluster.promote().map_err(io::Error::other)
+    }
+
+    /// Stop the server at once, as a crash would (`pg_ctl stop -m immediate`).
+    pub fn crash(&self) -> io::Result<()> {
+        self.cluster.crash().map_err(io::Error::other)
     }
 
     /// `postgres://postgres@127.0.0.1:<port>/postgres`.
     pub fn url(&self) -> String {
-        self.url_of("postgres")
+        self.cluster.url()
     }
 
     /// The URL of database `db` on this server.
     pub fn url_of(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+        self.cluster.url_of(db)
     }
 
     /// The TCP port.
     pub fn port(&self) -> u16 {
-        self.port
+        self.cluster.port()
     }
 
     /// The data directory.
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.join("data")
+        self.cluster.data_dir()
     }
 
     /// The server's log file.
     pub fn log_path(&self) -> PathBuf {
-        self.dir.join("log")
+        self.cluster.log_path()
+    }
+
+    /// The cluster, for everything else (its configuration files, its OS user).
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
     }
 
     /// The postmaster's process id, from `postmaster.pid` (the server must be running).
     pub fn postmaster_pid(&self) -> io::Result<u32> {
-        let text = std::fs::read_to_string(self.data_dir().join("postmaster.pid"))?;
-        text.lines()
-            .next()
-            .and_then(|l| l.trim().parse().ok())
-            .ok_or_else(|| io::Error::other(format!("no pid in postmaster.pid: {text:?}")))
+        self.cluster.postmaster_pid().map_err(io::Error::other)
     }
 
     /// CPU time (user + system) used so far by the whole cluster: the postmaster, its live
@@ -229,91 +212,4 @@ impl PrivateServer {
     pub async fn measure_cpu(&self, window: Duration) -> io::Result<CpuUse> {
         CpuUse::measure(self.postmaster_pid()?, window).await
     }
-}
-
-impl Drop for PrivateServer {
-    fn drop(&mut self) {
-        let data = self.data_dir();
-        if data.join("postmaster.pid").exists() {
-            let _ = run_pg(
-                &self.bin.join("pg_ctl"),
-                &[
-                    "-D".as_ref(),
-                    data.as_os_str(),
-                    "-m".as_ref(),
-                    "immediate".as_ref(),
-                    "-w".as_ref(),
-                    "stop".as_ref(),
-                ],
-            );
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// The newest PostgreSQL server binaries: `$PG_BIN` if set, else the highest version under
-/// `/usr/lib/postgresql/*/bin` (Debian's layout).
-fn pg_bin() -> io::Result<PathBuf> {
-    if let Ok(dir) = std::env::var("PG_BIN") {
-        return Ok(PathBuf::from(dir));
-    }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .map_err(|e| {
-            io::Error::other(format!(
-                "PostgreSQL server binaries under /usr/lib/postgresql (Debian's postgresql \
-                 package), or PG_BIN: {e}"
-            ))
-        })?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let v = e.file_name().to_str()?.parse().ok()?;
-            Some((v, e.path().join("bin")))
-        })
-        .filter(|(_, p)| p.join("initdb").exists())
-        .collect();
-    versions.sort();
-    versions
-        .pop()
-        .map(|(_, p)| p)
-        .ok_or_else(|| io::Error::other("no initdb under /usr/lib/postgresql/*/bin"))
-}
-
-fn free_port() -> io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false)
-}
-
-/// Run `bin` with `args`, as the postgres OS user when we are root.
-fn run_pg(bin: &Path, args: &[&std::ffi::OsStr]) -> io::Result<Output> {
-    let mut cmd = if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(bin);
-        c
-    } else {
-        Command::new(bin)
-    };
-    cmd.args(args)
-        .output()
-        .map_err(|e| io::Error::new(e.kind(), format!("running {}: {e}", bin.display())))
-}
-
-fn check(out: &Output, what: &str) -> io::Result<()> {
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(io::Error::other(format!(
-        "{what} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )))
 }

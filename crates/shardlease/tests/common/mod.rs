@@ -132,3 +132,15 @@ pub async fn run_child_member() {
     }
     member.leave().await.expect("child leave");
 }
+
+/// Send `sig` to a server backend (the test runs as root, or as the server's OS user).
+pub fn signal_backend(pid: i32, sig: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(
+        status.success(),
+        "kill -{sig} {pid} failed: run the tests as root or as the server's OS user"
+    );
+}

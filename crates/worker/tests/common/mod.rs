@@ -190,13 +190,20 @@ impl Worker {
 
     /// [`Worker::spawn`] with extra environment variables.
     pub fn spawn_env(url: &str, name: &str, args: &[&str], env: &[(&str, &str)]) -> Worker {
-        let mut child = Command::new(BIN)
-            .args(args)
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
             .env("DATABASE_URL", url)
             .env_remove("WORK_DATABASE_URL")
             .envs(env.iter().copied())
             .env("POD_NAME", name)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info");
+        Worker::spawn_command(name, cmd)
+    }
+
+    /// Start `cmd` (the binary, with its arguments and environment set by the caller),
+    /// called `name` in messages.
+    pub fn spawn_command(name: &str, mut cmd: Command) -> Worker {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -275,15 +282,24 @@ impl Worker {
 
     /// Send a signal with kill(1): TERM, STOP, CONT, ...
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{sig}"), self.child.id().to_string()])
-            .status()
-            .expect("run kill");
+        // kill(2) itself, not a `kill` process per signal: a test that signals 200 workers
+        // must not spend its time forking.
+        let signo = match sig {
+            "TERM" => libc::SIGTERM,
+            "INT" => libc::SIGINT,
+            "STOP" => libc::SIGSTOP,
+            "CONT" => libc::SIGCONT,
+            "KILL" => libc::SIGKILL,
+            other => panic!("signal {other:?}: not one the tests send"),
+        };
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill(2) with the pid of a child we spawned and have not reaped yet.
+        let rc = unsafe { libc::kill(pid, signo) };
         assert!(
-            status.success(),
-            "kill -{sig} {} ({}) failed",
-            self.child.id(),
-            self.name
+            rc == 0,
+            "kill -{sig} {pid} ({}) failed: {}",
+            self.name,
+            std::io::Error::last_os_error()
         );
     }
 
@@ -441,31 +457,38 @@ pub async fn generation(c: &Client) -> (i64, f64) {
     (r.get(0), r.get(1))
 }
 
-/// Wait until exactly `names` hold leases, all alive, and every item has been ticked by one
-/// of them since the last membership change. Returns the generation.
-pub async fn wait_settled(c: &Client, names: &[&str], timeout: Duration) -> i64 {
+/// Whether exactly `names` hold leases, all alive, and every item has been ticked by one of
+/// them since the last membership change.
+pub async fn settled(c: &Client, names: &[&str]) -> bool {
     let want: BTreeSet<String> = names.iter().map(|s| s.to_string()).collect();
+    let ls = leases(c).await;
+    let have: BTreeSet<String> = ls.iter().map(|l| l.member.clone()).collect();
+    if have != want || !ls.iter().all(|l| l.alive) {
+        return false;
+    }
+    let stale: i64 = c
+        .query_one(
+            "SELECT count(*) FROM public.work_items w, shardlease.groups g \
+             WHERE g.name = $1 AND (w.updated_at IS NULL OR w.updated_at <= g.changed_at \
+                   OR NOT (w.currentworker = ANY($2)))",
+            &[
+                &GROUP,
+                &names.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            ],
+        )
+        .await
+        .expect("count unsettled items")
+        .get(0);
+    stale == 0
+}
+
+/// Wait until [`settled`] holds for `names`. Returns the generation.
+pub async fn wait_settled(c: &Client, names: &[&str], timeout: Duration) -> i64 {
+    let want: BTreeSet<&str> = names.iter().copied().collect();
     eventually(
         timeout,
         &format!("the group to settle on exactly {want:?}, alive, with every item ticked since the last change"),
-        || async {
-            let ls = leases(c).await;
-            let have: BTreeSet<String> = ls.iter().map(|l| l.member.clone()).collect();
-            if have != want || !ls.iter().all(|l| l.alive) {
-                return false;
-            }
-            let stale: i64 = c
-                .query_one(
-                    "SELECT count(*) FROM public.work_items w, shardlease.groups g \
-                     WHERE g.name = $1 AND (w.updated_at IS NULL OR w.updated_at <= g.changed_at \
-                           OR NOT (w.currentworker = ANY($2)))",
-                    &[&GROUP, &names.iter().map(|s| s.to_string()).collect::<Vec<_>>()],
-                )
-                .await
-                .expect("count unsettled items")
-                .get(0);
-            stale == 0
-        },
+        || settled(c, names),
     )
     .await;
     generation(c).await.0
@@ -482,26 +505,56 @@ pub async fn item_ids(c: &Client) -> BTreeSet<Uuid> {
 }
 
 /// Install the test-only audit: a row per increment of `public.work_items`, with the
-/// writer (`NEW.currentworker`), the tick transaction's `now()` (`NEW.updated_at`) and the
-/// trigger's `clock_timestamp()`.
+/// writer (`NEW.currentworker`), the tick transaction's `now()` (`NEW.updated_at`), the
+/// trigger's `clock_timestamp()`, and the writer's lease incarnation and the group's
+/// generation as the tick transaction saw them (the database must have the shardlease
+/// schema). The audit row commits with the increment, so its `xmin` is the writer's
+/// transaction (`pg_xact_commit_timestamp(xmin)` with `track_commit_timestamp = on`).
+///
+/// The worker does not stamp its fence on the row, so the trigger reads it, once per
+/// transaction: the group's generation and the writer's lease (by member id), in one
+/// snapshot taken between the fence's begin and its commit. For a committed write this is
+/// the fence's own generation and incarnation: the fence checked generation G at begin and
+/// again at commit, generations only grow, and every lease change bumps the generation in
+/// the same transaction. So a committed row with another writer in the same generation, or
+/// with no lease (`incarnation` NULL), is a fencing failure, not an artefact of the audit.
 pub async fn install_audit(c: &Client) {
-    c.batch_execute(
+    c.batch_execute(&format!(
         "CREATE TABLE public.test_audit (
            seq bigserial PRIMARY KEY,
            id uuid NOT NULL,
            value integer NOT NULL,
            worker text,
            at timestamptz,
+           generation bigint,
+           incarnation bigint,
            logged_at timestamptz NOT NULL DEFAULT clock_timestamp());
+         CREATE INDEX ON public.test_audit (id, value);
          CREATE FUNCTION public.test_audit_fn() RETURNS trigger LANGUAGE plpgsql AS $$
+         DECLARE
+           -- writer|generation|incarnation, cached for the transaction
+           v_ctx text := coalesce(current_setting('test_audit.ctx', true), '');
+           v_generation bigint;
+           v_incarnation bigint;
          BEGIN
-           INSERT INTO public.test_audit (id, value, worker, at)
-           VALUES (NEW.id, NEW.value, NEW.currentworker, NEW.updated_at);
+           IF v_ctx = '' OR split_part(v_ctx, '|', 1) IS DISTINCT FROM coalesce(NEW.currentworker, '') THEN
+             SELECT g.generation, l.incarnation INTO v_generation, v_incarnation
+               FROM shardlease.groups g
+               LEFT JOIN shardlease.leases l ON l.group_name = g.name AND l.member_id = NEW.currentworker
+              WHERE g.name = TG_ARGV[0];
+             v_ctx := format('%s|%s|%s', coalesce(NEW.currentworker, ''),
+                             coalesce(v_generation::text, ''), coalesce(v_incarnation::text, ''));
+             PERFORM set_config('test_audit.ctx', v_ctx, true);
+           END IF;
+           INSERT INTO public.test_audit (id, value, worker, at, generation, incarnation)
+           VALUES (NEW.id, NEW.value, NEW.currentworker, NEW.updated_at,
+                   nullif(split_part(v_ctx, '|', 2), '')::bigint,
+                   nullif(split_part(v_ctx, '|', 3), '')::bigint);
            RETURN NULL;
          END $$;
          CREATE TRIGGER test_audit AFTER UPDATE ON public.work_items
-           FOR EACH ROW WHEN (NEW.value <> OLD.value) EXECUTE FUNCTION public.test_audit_fn();",
-    )
+           FOR EACH ROW WHEN (NEW.value <> OLD.value) EXECUTE FUNCTION public.test_audit_fn('{GROUP}');"
+    ))
     .await
     .expect("install the audit trigger");
 }
@@ -514,13 +567,17 @@ pub struct Inc {
     pub worker: String,
     /// The tick transaction's `now()`, seconds since the epoch.
     pub at: f64,
+    /// The group's generation the write was made under (see [`install_audit`]).
+    pub generation: Option<i64>,
+    /// The writer's lease incarnation; `None`: the writer held no lease.
+    pub incarnation: Option<i64>,
 }
 
 /// Every audited increment, per item, in value order.
 pub async fn audit(c: &Client) -> BTreeMap<Uuid, Vec<Inc>> {
     let rows = c
         .query(
-            "SELECT id, value, coalesce(worker, ''), extract(epoch FROM at)::float8 \
+            "SELECT id, value, coalesce(worker, ''), extract(epoch FROM at)::float8, generation, incarnation \
              FROM public.test_audit ORDER BY id, value, seq",
             &[],
         )
@@ -533,6 +590,8 @@ pub async fn audit(c: &Client) -> BTreeMap<Uuid, Vec<Inc>> {
             value: r.get(1),
             worker: r.get(2),
             at: r.get(3),
+            generation: r.get(4),
+            incarnation: r.get(5),
         };
         out.entry(inc.id).or_default().push(inc);
     }
@@ -678,13 +737,38 @@ pub struct Excuse {
 /// - consecutive increments of one item are at most 1.5 s apart (+ [`SLACK`]), except the
 ///   intervals that `excuses` name;
 /// - every item that still exists was incremented within the last 1.5 s (+ [`SLACK`]): no
-///   item is left behind at the end. Items in `skip` (deleted ones) are not checked.
+///   item is left behind at the end. Items in `skip` (deleted ones) are not checked;
+/// - (all items) every increment's writer held a lease, and no item was written by two
+///   workers under one generation (I1, as [`install_audit`] records it).
 pub async fn check_audit(c: &Client, label: &str, excuses: &[Excuse], skip: &BTreeSet<Uuid>) {
     let now = db_now(c).await;
     let existing = item_ids(c).await;
     let all = audit(c).await;
     let min_gap = TICK / 2.0;
     let max_gap = 1.5 * TICK + SLACK;
+    let mut writers: BTreeMap<(Uuid, Option<i64>), BTreeSet<&str>> = BTreeMap::new();
+    for (id, incs) in &all {
+        for i in incs {
+            assert!(
+                i.incarnation.is_some(),
+                "{label}: item {id}: increment {} by {} committed under generation {:?} while {} held no lease",
+                i.value,
+                i.worker,
+                i.generation,
+                i.worker
+            );
+            writers
+                .entry((*id, i.generation))
+                .or_default()
+                .insert(&i.worker);
+        }
+    }
+    for ((id, generation), ws) in &writers {
+        assert!(
+            ws.len() == 1,
+            "{label}: item {id} was written by {ws:?} under the same generation {generation:?}: two writers for one view"
+        );
+    }
     let (mut lo, mut hi, mut n) = (f64::MAX, 0.0f64, 0usize);
     for (id, incs) in &all {
         if skip.contains(id) {
