@@ -50,30 +50,35 @@ impl MemberConfig {
     }
 
     /// Set the heartbeat interval.
+    #[must_use = "a setter returns the changed value; the original is consumed"]
     pub fn heartbeat(mut self, heartbeat: Duration) -> Self {
         self.heartbeat = heartbeat;
         self
     }
 
     /// Set the lease TTL.
+    #[must_use = "a setter returns the changed value; the original is consumed"]
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.lease_ttl = ttl;
         self
     }
 
     /// Set the crash-check interval.
+    #[must_use = "a setter returns the changed value; the original is consumed"]
     pub fn crash_check(mut self, every: Duration) -> Self {
         self.crash_check = every;
         self
     }
 
     /// Set the reconnect backoff cap.
+    #[must_use = "a setter returns the changed value; the original is consumed"]
     pub fn reconnect_max_backoff(mut self, cap: Duration) -> Self {
         self.reconnect_max_backoff = cap;
         self
     }
 
     /// Set the lease metadata (must be a JSON object).
+    #[must_use = "a setter returns the changed value; the original is consumed"]
     pub fn metadata(mut self, metadata: serde_json::Value) -> Self {
         self.metadata = metadata;
         self

@@ -35,6 +35,12 @@ pub enum FenceReason {
     NoGroup,
     /// The member is not joined (joining, lost or left), so it has no view to write under.
     NotJoined,
+    /// The lease was taken on another timeline of the database: a failover or a
+    /// point-in-time restore happened since, which may have rolled the membership back.
+    OtherTimeline,
+    /// A leader transaction's member does not lead the group: a longer-standing member is
+    /// live (see [`Leader`](crate::Leader)).
+    NotLeader,
 }
 
 impl fmt::Display for FenceReason {
@@ -45,6 +51,10 @@ impl fmt::Display for FenceReason {
             FenceReason::LeaseExpired => "the lease expired",
             FenceReason::NoGroup => "the group does not exist",
             FenceReason::NotJoined => "the member is not joined",
+            FenceReason::OtherTimeline => {
+                "the lease was taken on another timeline of the database (a failover or a restore)"
+            }
+            FenceReason::NotLeader => "this member does not lead the group",
         })
     }
 }
@@ -57,6 +67,8 @@ impl FenceReason {
             "stale_generation" => Some(FenceReason::StaleGeneration),
             "lease_gone" => Some(FenceReason::LeaseGone),
             "lease_expired" => Some(FenceReason::LeaseExpired),
+            "other_timeline" => Some(FenceReason::OtherTimeline),
+            "not_leader" => Some(FenceReason::NotLeader),
             _ => Some(FenceReason::NoGroup),
         }
     }
@@ -265,19 +277,28 @@ pub(crate) fn describe_db_error(e: &tokio_postgres::Error) -> String {
     out
 }
 
+/// The error ended the connection: it is closed, failed below SQL (I/O or protocol: no
+/// SQLSTATE), or the server ended it with a FATAL of class 08 (connection exception) or 57P
+/// (administrator command, crash, shutdown), which arrives before the socket is seen closed.
+pub(crate) fn connection_ended(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || e.code().is_none_or(|code| {
+            let c = code.code();
+            c.starts_with("08") || c.starts_with("57P")
+        })
+}
+
 /// Classify a driver error: connection-level failures, lock/serialization conflicts and a
 /// read-only server (a replica, or a just-demoted primary) are transient.
 pub(crate) fn is_transient_db(e: &tokio_postgres::Error) -> bool {
-    if e.is_closed() {
+    if connection_ended(e) {
         return true;
     }
     match e.code() {
-        None => true, // I/O or protocol level: the connection is broken.
+        None => true,
         Some(code) => {
             let c = code.code();
-            c.starts_with("08") // connection exception
-                || c.starts_with("57P") // admin shutdown, crash shutdown, cannot connect now
-                || c == "55P03" // lock_not_available (lock_timeout)
+            c == "55P03" // lock_not_available (lock_timeout)
                 || c == "57014" // query_canceled (statement_timeout)
                 || c == "40001" // serialization_failure
                 || c == "40P01" // deadlock_detected
@@ -359,6 +380,10 @@ mod tests {
         assert_eq!(
             FenceReason::from_status("lease_expired"),
             Some(FenceReason::LeaseExpired)
+        );
+        assert_eq!(
+            FenceReason::from_status("not_leader"),
+            Some(FenceReason::NotLeader)
         );
     }
 }

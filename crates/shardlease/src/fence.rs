@@ -12,7 +12,7 @@
 
 use std::ops::{Deref, DerefMut};
 
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
 
 use crate::error::{describe_db_error, sqlstate, Doing, Error, FenceReason, Result};
@@ -40,6 +40,11 @@ impl Fence {
         self.slot
     }
 
+    /// The incarnation of the lease this fence was computed under.
+    pub fn incarnation(&self) -> i64 {
+        self.incarnation
+    }
+
     /// Begin a fenced transaction on `client` (any connection to the same database; a
     /// transaction pooler such as PgBouncer in transaction mode is fine).
     ///
@@ -60,34 +65,108 @@ impl Fence {
     /// ```
     pub async fn begin<'a>(&self, client: &'a mut Client) -> Result<FencedTransaction<'a>> {
         let doing = || format!("beginning a fenced transaction in group {:?}", self.group);
-        let tx = client.transaction().await.doing(doing)?;
-        let row = tx
-            .query_typed(
-                "SELECT status, current_generation FROM shardlease.fence_begin($1, $2, $3)",
-                &[
-                    (&self.group, Type::TEXT),
-                    (&self.incarnation, Type::INT8),
-                    (&(self.generation as i64), Type::INT8),
-                ],
-            )
-            .await
-            .map_err(|e| crate::error::classify(e, &self.group, "", &doing()))?;
-        let row = row.into_iter().next().ok_or_else(|| Error::Fenced {
-            reason: FenceReason::NoGroup,
-            expected: self.generation,
-            current: None,
-        })?;
-        let status: &str = row.get(0);
-        let current: Option<i64> = row.get(1);
-        match FenceReason::from_status(status) {
-            None => Ok(FencedTransaction {
+        let checked = begin_checked(
+            client,
+            &self.group,
+            self.generation,
+            &doing,
+            "SELECT status, current_generation FROM shardlease.fence_begin($1, $2, $3)",
+            &self.begin_params(&(self.generation as i64)),
+        )
+        .await?;
+        match checked {
+            Ok(tx) => Ok(FencedTransaction {
                 tx,
                 fence: self.clone(),
             }),
-            Some(reason) => {
-                tx.rollback().await.doing(doing)?;
-                Err(self.refused(reason, current.map(|g| g as u64)))
+            Err((reason, current)) => Err(self.refused(reason, current)),
+        }
+    }
+
+    /// Run one statement in a fenced transaction, in two round trips instead of four: `BEGIN`,
+    /// then the begin check, `statement`, and the commit check with `COMMIT`, sent together
+    /// (pipelined; the server runs them in order, and an error skips the rest). The rows of
+    /// `statement` when the transaction committed; otherwise nothing committed, and the error
+    /// says why ([`Error::Fenced`] when the fence no longer holds).
+    ///
+    /// The guarantee is [`commit`](FencedTransaction::commit)'s: the commit check decides.
+    /// The begin check raises on a stale fence, so `statement` never runs (nor locks a row
+    /// that the current owner is about to write) for a member whose view is already out of
+    /// date. Once it is sent, the server runs it to its commit or its refusal without the
+    /// client; a member that hangs meanwhile is ended with its lease by the reaper, as in
+    /// [`begin`](Fence::begin). `statement` is unnamed (typed parameters, no prepared
+    /// statement), so `client` may go through a transaction pooler.
+    ///
+    /// ```no_run
+    /// # async fn f(member: &shardlease::Member, client: &mut tokio_postgres::Client) -> shardlease::Result<()> {
+    /// use tokio_postgres::types::Type;
+    ///
+    /// let fence = member.view().fence()?;
+    /// let rows = fence
+    ///     .run(client, "UPDATE my_table SET n = n + 1 WHERE shard = ANY($1) RETURNING id",
+    ///          &[(&vec![1i32, 2], Type::INT4_ARRAY)])
+    ///     .await?;
+    /// println!("{} rows committed under generation {}", rows.len(), fence.generation());
+    /// # Ok(()) }
+    /// ```
+    pub async fn run(
+        &self,
+        client: &mut Client,
+        statement: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Vec<tokio_postgres::Row>> {
+        let doing = || format!("running a fenced statement in group {:?}", self.group);
+        let tx = client.transaction().await.doing(doing)?;
+        // Integers only: safe to inline into the one simple-query message.
+        let commit = with_commit(&self.commit_check());
+        let generation = self.generation as i64;
+        let guard_params = self.begin_params(&generation);
+        let (guarded, rows, committed) = tokio::join!(
+            tx.query_typed("SELECT shardlease.fence_guard($1, $2, $3)", &guard_params),
+            tx.query_typed(statement, params),
+            tx.batch_execute(&commit)
+        );
+        match settle(tx, committed).await {
+            Ok(()) => rows.doing(doing),
+            Err(e) => {
+                // Why, in the order the server ran them: the begin check, the statement, then
+                // the commit check (after an error the others fail as "transaction aborted").
+                if let Err(e) = guarded {
+                    return Err(self.refused_or(e, "beginning"));
+                }
+                rows.doing(doing)?;
+                Err(self.refused_or(e, "committing"))
             }
+        }
+    }
+
+    /// The begin check's parameters: group, incarnation and `generation` (this fence's, as
+    /// the `bigint` it is stored as).
+    fn begin_params<'a>(&'a self, generation: &'a i64) -> [(&'a (dyn ToSql + Sync), Type); 3] {
+        [
+            (&self.group, Type::TEXT),
+            (&self.incarnation, Type::INT8),
+            (generation, Type::INT8),
+        ]
+    }
+
+    /// The commit check: `shardlease.fence_commit` with this fence's integers inlined.
+    fn commit_check(&self) -> String {
+        format!(
+            "SELECT shardlease.fence_commit({}, {}, {})",
+            self.incarnation, self.generation as i64, self.timeout_ms
+        )
+    }
+
+    /// The error of a failed begin or commit check (`step`: "beginning" or "committing"):
+    /// the refusal, or the database error.
+    fn refused_or(&self, e: tokio_postgres::Error, step: &str) -> Error {
+        match refusal(&e) {
+            Some((reason, current)) => self.refused(reason, current),
+            None => Error::Db {
+                doing: format!("{step} a fenced transaction in group {:?}", self.group),
+                source: e,
+            },
         }
     }
 
@@ -121,53 +200,105 @@ impl<'a> FencedTransaction<'a> {
     /// live, checked under the group's fence lock in the same message as `COMMIT`. Otherwise
     /// nothing commits and [`Error::Fenced`] says why.
     pub async fn commit(self) -> Result<()> {
-        let f = &self.fence;
-        // Integers only: safe to inline into the one simple-query message.
-        let sql = format!(
-            "SELECT shardlease.fence_commit({}, {}, {}); COMMIT",
-            f.incarnation, f.generation as i64, f.timeout_ms
-        );
-        match self.tx.batch_execute(&sql).await {
-            Ok(()) => {
-                // COMMIT has run: forget the driver's handle, whose drop would send ROLLBACK.
-                // It owns no heap memory (a top-level transaction has no savepoint name).
-                std::mem::forget(self.tx);
-                Ok(())
-            }
-            Err(e) => {
-                let err = self.commit_error(e);
-                // The transaction is aborted; dropping the handle rolls it back.
-                let _ = self.tx.rollback().await;
-                Err(err)
-            }
-        }
+        let check = self.fence.commit_check();
+        let fence = self.fence;
+        commit_checked(self.tx, &check)
+            .await
+            .map_err(|e| fence.refused_or(e, "committing"))
     }
+}
 
-    fn commit_error(&self, e: tokio_postgres::Error) -> Error {
-        let f = &self.fence;
-        if let Some(db) = e.as_db_error() {
-            let code = db.code().code();
-            if code == sqlstate::FENCED {
-                let status = db.message().trim_start_matches("shardlease fence: ");
-                let current = db
-                    .detail()
-                    .and_then(|d| d.strip_prefix("current generation "))
-                    .and_then(|d| d.split(',').next())
-                    .and_then(|g| g.parse().ok());
-                let reason = FenceReason::from_status(status).unwrap_or(FenceReason::NoGroup);
-                return f.refused(reason, current);
-            }
-            if code == "40001" {
-                // Repeatable read or serializable: the group row changed since the snapshot.
-                tracing::debug!(group = %f.group, error = %describe_db_error(&e), "fenced at commit by a serialization failure");
-                return f.refused(FenceReason::StaleGeneration, None);
-            }
-        }
-        Error::Db {
-            doing: format!("committing a fenced transaction in group {:?}", f.group),
-            source: e,
+/// Open a transaction on `client` and run its first statement, `check`: a fence function
+/// that returns `(status, current_generation)`. The open transaction when the status is `ok`;
+/// otherwise the transaction is rolled back and the refusal returned. No row at all is
+/// [`FenceReason::NoGroup`] against `expected`. Shared by member and leader fences.
+pub(crate) async fn begin_checked<'a>(
+    client: &'a mut Client,
+    group: &str,
+    expected: u64,
+    doing: &(dyn Fn() -> String + Sync),
+    check: &str,
+    params: &[(&(dyn ToSql + Sync), Type)],
+) -> Result<std::result::Result<Transaction<'a>, (FenceReason, Option<u64>)>> {
+    let tx = client.transaction().await.doing(doing)?;
+    let rows = tx
+        .query_typed(check, params)
+        .await
+        .map_err(|e| crate::error::classify(e, group, "", &doing()))?;
+    let row = rows.into_iter().next().ok_or_else(|| Error::Fenced {
+        reason: FenceReason::NoGroup,
+        expected,
+        current: None,
+    })?;
+    let status: &str = row.get(0);
+    let current: Option<i64> = row.get(1);
+    match FenceReason::from_status(status) {
+        None => Ok(Ok(tx)),
+        Some(reason) => {
+            tx.rollback().await.doing(doing)?;
+            Ok(Err((reason, current.map(|g| g as u64))))
         }
     }
+}
+
+/// Send `check` and `COMMIT` to the server in one message: a check that raises keeps the
+/// `COMMIT` from running. `Ok` when committed; otherwise the driver's error, after the
+/// transaction was rolled back.
+pub(crate) async fn commit_checked(
+    tx: Transaction<'_>,
+    check: &str,
+) -> std::result::Result<(), tokio_postgres::Error> {
+    let sent = tx.batch_execute(&with_commit(check)).await;
+    settle(tx, sent).await
+}
+
+/// `check` and `COMMIT` as one simple-query message: a check that raises keeps the `COMMIT`
+/// from running.
+fn with_commit(check: &str) -> String {
+    format!("{check}; COMMIT")
+}
+
+/// After a [`with_commit`] message ran with outcome `sent`: when it committed, forget the
+/// driver's handle, whose drop would send ROLLBACK (it owns no heap memory: a top-level
+/// transaction has no savepoint name); otherwise the transaction is aborted, so roll it back
+/// (dropping the handle would too) and return the error.
+async fn settle(
+    tx: Transaction<'_>,
+    sent: std::result::Result<(), tokio_postgres::Error>,
+) -> std::result::Result<(), tokio_postgres::Error> {
+    match sent {
+        Ok(()) => {
+            std::mem::forget(tx);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = tx.rollback().await;
+            Err(e)
+        }
+    }
+}
+
+/// The refusal a commit check's error carries, if it is one: SLX01 names the reason in its
+/// message and the current generation in its detail; a serialization failure (repeatable
+/// read or serializable) means the group row changed since the transaction's snapshot.
+pub(crate) fn refusal(e: &tokio_postgres::Error) -> Option<(FenceReason, Option<u64>)> {
+    let db = e.as_db_error()?;
+    let code = db.code().code();
+    if code == sqlstate::FENCED {
+        let status = db.message().trim_start_matches("shardlease fence: ");
+        let current = db
+            .detail()
+            .and_then(|d| d.strip_prefix("current generation "))
+            .and_then(|d| d.split(',').next())
+            .and_then(|g| g.parse().ok());
+        let reason = FenceReason::from_status(status).unwrap_or(FenceReason::NoGroup);
+        return Some((reason, current));
+    }
+    if code == "40001" {
+        tracing::debug!(error = %describe_db_error(e), "fenced at commit by a serialization failure");
+        return Some((FenceReason::StaleGeneration, None));
+    }
+    None
 }
 
 impl std::fmt::Debug for FencedTransaction<'_> {

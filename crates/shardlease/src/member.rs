@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::MemberConfig;
 use crate::connect::DbConfig;
 use crate::error::Result;
-use crate::session::{Driver, Session};
+use crate::session::{Detection, Driver, Session};
 use crate::view::{MemberState, View};
 
 /// A joined member of a group.
@@ -55,6 +55,15 @@ impl Member {
     /// background. Use [`Error::is_transient`](crate::Error::is_transient) to decide whether
     /// to retry a failed join.
     pub async fn join(pg: &DbConfig, cfg: MemberConfig) -> Result<Member> {
+        Member::join_with(pg, cfg, Detection::Checkers).await
+    }
+
+    /// [`Member::join`], looking for crashed members as `detection` says.
+    pub(crate) async fn join_with(
+        pg: &DbConfig,
+        cfg: MemberConfig,
+        detection: Detection,
+    ) -> Result<Member> {
         cfg.validate()?;
         let (view_tx, view) = watch::channel(View {
             group: cfg.group.clone(),
@@ -74,6 +83,7 @@ impl Member {
             view_tx,
             leave.clone(),
             abort.clone(),
+            detection,
         );
         let session: Session = driver.open_session(true).await?;
         let task = tokio::spawn(driver.run(session));

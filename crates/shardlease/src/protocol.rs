@@ -9,8 +9,21 @@
 /// re-reads the tables.
 pub const CHANNEL: &str = "shardlease";
 
-/// The assignment protocol this build speaks (jump hash + splitmix re-probing over S slots).
-pub const PROTOCOL_VERSION: i32 = 1;
+/// The assignment protocol this build speaks. Members of one group must map items to slots
+/// the same way, so a member refuses to join a group whose members speak another version
+/// (`Error::ProtocolMismatch`); an empty group takes the version of its first joiner.
+///
+/// - **1**: keys by [`Assignment::owner`](crate::Assignment::owner) (jump hash + SplitMix
+///   re-probing over S slots); virtual shards by
+///   [`Assignment::shards_of`](crate::Assignment::shards_of), one jump hash per shard. The
+///   worker ticked 1,024 such shards.
+/// - **2** (this build): adds the balanced [`ShardTable`](crate::shard_table::ShardTable)
+///   (exact quotas per slot, hash ranges of a stored 32-bit hash); the worker ticks the hash
+///   ranges of 65,536 shards. Version 1's functions are unchanged.
+///
+/// Moving a group from 1 to 2 means no member of an older build may remain: stop them all
+/// (scale to zero, or a `Recreate` rollout), then start the new build.
+pub const PROTOCOL_VERSION: i32 = 2;
 
 /// The second key of the group's fence lock, `pg_advisory_xact_lock(lock_key, -1)`: held
 /// shared by fenced transactions while they commit, and exclusively by membership changes

@@ -9,7 +9,11 @@
 //! all died still notices. Membership changes arrive as notifications that carry the change,
 //! applied to the view without a re-read when they follow on from it (a re-read otherwise,
 //! once per burst).
+//!
+//! Leader candidates ([`Detection::Ring`]) run no crash checks: each heartbeat probes the
+//! member before them in incarnation order, and the leader module's watcher catches crashes.
 
+use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::{ExponentialBuilder, Retryable};
@@ -34,6 +38,22 @@ pub(crate) const CHECKERS: usize = 3;
 /// Every how many heartbeats a member that is not a checker probes the checkers' slot locks.
 const PROBE_EVERY: u64 = 4;
 
+/// How long a join may wait for its turn at the group row (at least half the TTL): see
+/// `open_session`. 200 workers started at once join in about 10 s on 2 cores.
+const JOIN_WAIT: Duration = Duration::from_secs(30);
+
+/// How a member looks for crashed and hung members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Detection {
+    /// The group's [`CHECKERS`] lowest slots check every crash-check interval; everyone
+    /// else's heartbeat probes the checkers now and then. The default.
+    Checkers,
+    /// Leader candidates ([`crate::leader`]): no crash checks. Every heartbeat probes the
+    /// member before this one in the ring of incarnations (expiry, or a lock found free),
+    /// and a watcher of the leader module waits on that member's lock to catch a crash.
+    Ring,
+}
+
 /// The statements a session runs every heartbeat or check, prepared once per connection.
 struct Prepared {
     heartbeat: Statement,
@@ -52,6 +72,14 @@ pub(crate) struct Session {
     lock_key: i32,
     /// The generation the last heartbeat reported, when it was ahead of the view.
     ahead: Option<u64>,
+    /// The lease's expiry (database clock) as last seen, to tell a renewing beat.
+    expires_at: SystemTime,
+    /// When this member stops calling itself joined unless a renewal succeeds first: the
+    /// instant the last renewing statement was sent, plus the TTL, less a margin. The
+    /// statement ran after it was sent, so the lease lasts at least until then by the
+    /// database clock: a member cut off from the database (a partition without a reset, a
+    /// hung server) reports itself lost before anyone may take its shards over.
+    deadline: Instant,
 }
 
 pub(crate) struct Driver {
@@ -60,6 +88,7 @@ pub(crate) struct Driver {
     view: watch::Sender<View>,
     leave: CancellationToken,
     abort: CancellationToken,
+    detection: Detection,
 }
 
 /// What the loop should do after handling one event.
@@ -76,6 +105,7 @@ impl Driver {
         view: watch::Sender<View>,
         leave: CancellationToken,
         abort: CancellationToken,
+        detection: Detection,
     ) -> Self {
         Driver {
             pg,
@@ -83,6 +113,7 @@ impl Driver {
             view,
             leave,
             abort,
+            detection,
         }
     }
 
@@ -107,13 +138,19 @@ impl Driver {
             )
             .await?;
         }
-        // Every wait is bounded: a lock wait by a heartbeat, a statement by half the TTL, so
-        // that a slow statement never costs this member its lease.
-        let lock_timeout = timeout_ms(self.cfg.heartbeat);
+        // Every wait is bounded: once joined, a lock wait by a heartbeat and a statement by
+        // half the TTL, so that a slow statement never costs this member its lease. The join
+        // itself waits up to JOIN_WAIT (set here, lowered once it has returned): a joiner
+        // holds no lease yet, and joins queue for the group row one after another, so when
+        // hundreds of members start at once (a cold start, a whole group after a database
+        // restart) a joiner that gave up would only lose its place, and retrying costs a new
+        // connection.
+        let lock_timeout = self.lock_timeout_ms();
         let statement_timeout = timeout_ms(self.cfg.lease_ttl / 2);
+        let join_wait = timeout_ms(JOIN_WAIT.max(self.cfg.lease_ttl / 2));
         client
             .batch_execute(&format!(
-                "SET lock_timeout = {lock_timeout}; SET statement_timeout = {statement_timeout}; \
+                "SET lock_timeout = {join_wait}; SET statement_timeout = {join_wait}; \
                  SET idle_in_transaction_session_timeout = {statement_timeout}; LISTEN {CHANNEL}"
             ))
             .await
@@ -127,9 +164,11 @@ impl Driver {
             })?;
         let prepared = self.prepare(&client).await?;
         let ttl = format!("{} milliseconds", self.cfg.lease_ttl.as_millis());
+        let sent = Instant::now();
         let joined = client
             .query_one(
-                "SELECT slot, incarnation, generation, lock_key \
+                "SELECT slot, incarnation, generation, lock_key, expires_at, \
+                        statement_timestamp() \
                  FROM shardlease.join($1, $2, $3::text::interval, $4, $5)",
                 &[
                     &self.cfg.group,
@@ -140,6 +179,15 @@ impl Driver {
                 ],
             )
             .await;
+        let joined = match joined {
+            Ok(row) => client
+                .batch_execute(&format!(
+                    "SET lock_timeout = {lock_timeout}; SET statement_timeout = {statement_timeout}"
+                ))
+                .await
+                .map(|()| row),
+            Err(e) => Err(e),
+        };
         let row = match joined {
             Ok(row) => row,
             Err(e) => {
@@ -163,6 +211,8 @@ impl Driver {
             incarnation: row.get(1),
             lock_key: row.get(3),
             ahead: None,
+            expires_at: row.get(4),
+            deadline: sent + queued(&row, self.cfg.lease_ttl) + self.lease_budget(),
         };
         let generation: i64 = row.get(2);
         tracing::info!(
@@ -187,7 +237,7 @@ impl Driver {
         };
         Ok(Prepared {
             heartbeat: prepare(
-                "SELECT generation, suspect \
+                "SELECT generation, suspect, expires_at \
                  FROM shardlease.heartbeat($1::bigint, $2::integer[], $3::bigint * interval '1 millisecond')",
             )
             .await?,
@@ -232,14 +282,18 @@ impl Driver {
                 }
             };
             // Checkers look for crashes at their own phase of the interval; others never.
-            let rank = self.checker_slots().iter().position(|&c| c == s.slot);
+            let rank = match self.detection {
+                Detection::Checkers => self.checker_slots().iter().position(|&c| c == s.slot),
+                Detection::Ring => None,
+            };
             if rank.is_none() {
                 next_check = None;
             } else if next_check.is_none() {
                 next_check = rank.map(|r| next_phase(self.cfg.crash_check, r));
             }
             // Heartbeats come before notifications, so that a burst of changes can never
-            // hold off a renewal.
+            // hold off a renewal. No handler may outlive the lease's deadline.
+            let deadline = s.deadline;
             let next = tokio::select! {
                 biased;
                 _ = self.abort.cancelled() => {
@@ -252,20 +306,18 @@ impl Driver {
                     self.publish_state(MemberState::Left);
                     return result;
                 }
+                _ = tokio::time::sleep_until(deadline) => self.past_deadline(),
                 _ = heartbeat.tick() => {
                     beats += 1;
-                    // Members other than the checkers probe the checkers every PROBE_EVERY
-                    // beats, in turns by slot, so that the group probes them about N / 4
-                    // times per beat and each member costs one cheap statement per beat.
-                    let probe = rank.is_none() && (beats + u64::from(s.slot)).is_multiple_of(PROBE_EVERY);
-                    self.on_heartbeat(s, probe).await
+                    let probe = self.probe_slots(s, rank, beats);
+                    self.before_deadline(deadline, self.on_heartbeat(s, probe)).await
                 }
                 _ = sleep_until(next_check), if next_check.is_some() => {
                     next_check = rank.map(|r| next_phase(self.cfg.crash_check, r));
-                    self.on_crash_check(s).await
+                    self.before_deadline(deadline, self.on_crash_check(s)).await
                 }
                 note = s.notifications.recv() => match note {
-                    Some(note) => self.on_notifications(s, note).await,
+                    Some(note) => self.before_deadline(deadline, self.on_notifications(s, note)).await,
                     None => Next::Lost("the session connection closed".into()),
                 },
             };
@@ -278,6 +330,37 @@ impl Driver {
                 session = None;
             }
         }
+    }
+
+    /// The session connection's lock wait once joined: one heartbeat.
+    fn lock_timeout_ms(&self) -> i32 {
+        timeout_ms(self.cfg.heartbeat)
+    }
+
+    /// How long after a renewal was sent the member still calls itself joined: the TTL less
+    /// a margin of one heartbeat (at most a quarter of the TTL) for the reaction.
+    fn lease_budget(&self) -> Duration {
+        self.cfg.lease_ttl - self.cfg.heartbeat.min(self.cfg.lease_ttl / 4)
+    }
+
+    /// Run `handler`, unless the lease's deadline passes first.
+    async fn before_deadline(
+        &self,
+        deadline: Instant,
+        handler: impl Future<Output = Next>,
+    ) -> Next {
+        match tokio::time::timeout_at(deadline, handler).await {
+            Ok(next) => next,
+            Err(_) => self.past_deadline(),
+        }
+    }
+
+    fn past_deadline(&self) -> Next {
+        Next::Lost(format!(
+            "no renewal succeeded within {:?} of the last one (the database does not answer): \
+             stopping before the lease expires by the database clock",
+            self.lease_budget()
+        ))
     }
 
     /// The group's checkers: the slots of the view's lowest [`CHECKERS`] members.
@@ -317,17 +400,30 @@ impl Driver {
         }
     }
 
-    async fn on_heartbeat(&self, s: &mut Session, probe: bool) -> Next {
-        // The checkers' slots other than ours (the SQL skips our own anyway).
-        let probe: Vec<i32> = if probe {
-            self.checker_slots()
-                .into_iter()
-                .filter(|&c| c != s.slot)
-                .map(|c| c as i32)
-                .collect()
-        } else {
-            Vec::new()
-        };
+    /// The slots this heartbeat probes. Checkers: none. Other members: the checkers' slots
+    /// other than ours, every [`PROBE_EVERY`] beats, in turns by slot, so that the group
+    /// probes them about N / 4 times per beat and each member costs one cheap statement per
+    /// beat. Leader candidates: the member before this one in the ring, every beat.
+    fn probe_slots(&self, s: &Session, rank: Option<usize>, beats: u64) -> Vec<i32> {
+        match self.detection {
+            Detection::Checkers
+                if rank.is_none() && (beats + u64::from(s.slot)).is_multiple_of(PROBE_EVERY) =>
+            {
+                self.checker_slots()
+                    .into_iter()
+                    .filter(|&c| c != s.slot)
+                    .map(|c| c as i32)
+                    .collect()
+            }
+            Detection::Checkers => Vec::new(),
+            Detection::Ring => crate::leader::ring::watched(&self.view.borrow(), s.incarnation)
+                .map(|m| vec![m.slot as i32])
+                .unwrap_or_default(),
+        }
+    }
+
+    async fn on_heartbeat(&self, s: &mut Session, probe: Vec<i32>) -> Next {
+        let sent = Instant::now();
         let row = match s
             .client
             .query_opt(
@@ -344,9 +440,14 @@ impl Driver {
         };
         let generation: i64 = row.get(0);
         let suspect: bool = row.get(1);
+        let expires_at: SystemTime = row.get(2);
+        if expires_at != s.expires_at {
+            s.expires_at = expires_at;
+            s.deadline = sent + self.lease_budget();
+        }
         if suspect {
-            // A checker is gone or hung: reap in its place.
-            tracing::info!(group = %self.cfg.group, member = %self.cfg.member_id, checkers = ?probe, "a checker is gone or expired; reaping");
+            // A probed member (a checker, or our predecessor in the ring) is gone or hung.
+            tracing::info!(group = %self.cfg.group, member = %self.cfg.member_id, probed = ?probe, "a probed member is gone or expired; reaping");
             if let Next::Lost(reason) = self.reap(s).await {
                 return Next::Lost(reason);
             }
@@ -376,18 +477,50 @@ impl Driver {
         }
     }
 
+    /// Reap the group's dead members. The reap waits for the group row at most a quarter
+    /// of a heartbeat (the session's other statements wait up to a heartbeat): a reap queues
+    /// behind membership changes, and while it waits this member's heartbeat waits too. In a
+    /// burst of hundreds of joins, one reap per member would otherwise cost every member its
+    /// lease. A reap that finds the row busy is tried again at the next check; the joins
+    /// themselves reap dead checkers.
     async fn reap(&self, s: &Session) -> Next {
-        match s.client.query(&s.prepared.reap, &[&self.cfg.group]).await {
+        let reap_wait = format!("SET lock_timeout = {}", timeout_ms(self.cfg.heartbeat / 4));
+        let restore = format!("SET lock_timeout = {}", self.lock_timeout_ms());
+        // One round trip: the three statements are pipelined, and run in order.
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.cfg.group];
+        let (waiting, reaped, restored) = tokio::join!(
+            s.client.batch_execute(&reap_wait),
+            s.client.query(&s.prepared.reap, &params),
+            s.client.batch_execute(&restore),
+        );
+        if let Err(e) = waiting.and(restored) {
+            return self.db_error("setting the reap's lock wait", e);
+        }
+        if let Err(e) = &reaped {
+            if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+                tracing::debug!(group = %self.cfg.group, member = %self.cfg.member_id, "the group row is busy with membership changes; reaping at the next check");
+                return Next::Continue;
+            }
+        }
+        match reaped {
             Ok(rows) => {
+                let mut reaped = 0;
                 for row in &rows {
                     let member: &str = row.get(0);
                     let slot: i32 = row.get(1);
                     let reason: &str = row.get(3);
                     let generation: Option<i64> = row.get(4);
+                    if reason == "unkillable" {
+                        // Deleting the lease would leave its backend holding the slot lock.
+                        tracing::warn!(group = %self.cfg.group, member, slot, by = %self.cfg.member_id, "an expired member's backend could not be ended (no privilege, or it did not exit in time); its lease is kept, and ending it is tried again in one TTL");
+                        metrics::counter!("shardlease_unkillable_total", "group" => self.cfg.group.clone()).increment(1);
+                        continue;
+                    }
+                    reaped += 1;
                     tracing::info!(group = %self.cfg.group, reaped = member, slot, reason, ?generation, by = %self.cfg.member_id, "reaped member");
                     metrics::counter!("shardlease_reaped_total", "group" => self.cfg.group.clone(), "reason" => reason.to_owned()).increment(1);
                 }
-                if rows.is_empty() {
+                if reaped == 0 {
                     Next::Continue
                 } else {
                     self.refresh_or_lose(s).await
@@ -398,7 +531,7 @@ impl Driver {
     }
 
     fn db_error(&self, doing: &str, e: tokio_postgres::Error) -> Next {
-        let broken = e.is_closed() || e.code().is_none();
+        let broken = crate::error::connection_ended(&e);
         let err = Error::Db {
             doing: format!("{doing} ({})", self.who()),
             source: e,
@@ -516,13 +649,8 @@ impl Driver {
     /// Reconnect and rejoin, with capped exponential backoff and jitter, until it works or
     /// the member is told to stop (then `None`).
     async fn rejoin(&self) -> Option<Session> {
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(self.cfg.reconnect_max_backoff)
-            .with_jitter()
-            .without_max_times();
         let attempt = (|| self.open_session(false))
-            .retry(backoff)
+            .retry(rejoin_backoff(self.cfg.reconnect_max_backoff))
             .notify(|e: &Error, delay: Duration| {
                 if e.is_transient() {
                     tracing::warn!(group = %self.cfg.group, member = %self.cfg.member_id, error = %e, retry_in = ?delay, "rejoin failed; retrying");
@@ -542,9 +670,14 @@ impl Driver {
 
     /// Leave in one transaction (delete, shrink S, bump, notify), then release the lock.
     async fn leave_group(&self, s: Session) -> Result<()> {
+        // Typed, unnamed: one round trip (no separate prepare) before the leave commits, so
+        // that the others hear of it (and a leader's successor leads) as soon as possible.
         let generation: Option<i64> = s
             .client
-            .query_one("SELECT shardlease.leave($1)", &[&s.incarnation])
+            .query_typed_one(
+                "SELECT shardlease.leave($1)",
+                &[(&s.incarnation, tokio_postgres::types::Type::INT8)],
+            )
             .await
             .doing(|| format!("leaving as {}", self.who()))?
             .get(0);
@@ -558,6 +691,17 @@ impl Driver {
         tracing::info!(group = %self.cfg.group, member = %self.cfg.member_id, slot = s.slot, ?generation, "left");
         Ok(())
     }
+}
+
+/// Capped exponential backoff from 50 ms up to `cap`, with jitter from a randomly seeded
+/// generator (backon's `std` feature: without it every process draws the same delays, and
+/// a group that lost its server retries in lockstep).
+fn rejoin_backoff(cap: Duration) -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(cap)
+        .with_jitter()
+        .without_max_times()
 }
 
 /// The next instant at checker `rank`'s phase of `period`: checkers divide the period evenly
@@ -582,7 +726,8 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-fn truncate(s: &str) -> String {
+/// `s` cut to PostgreSQL's 63 bytes of `application_name`, on a character boundary.
+pub(crate) fn truncate(s: &str) -> String {
     let mut out = String::new();
     for c in s.chars() {
         if out.len() + c.len_utf8() > 63 {
@@ -591,4 +736,38 @@ fn truncate(s: &str) -> String {
         out.push(c);
     }
     out
+}
+
+/// How long a join waited in the server before it took its lease (the lease runs from then):
+/// from the statement's start to the lease's start, `expires_at - ttl`, both on the database
+/// clock. The statement started after it was sent, so the lease started at least this long
+/// after the join was sent, and the member's deadline may count from there: a join that
+/// queued behind hundreds of others is not lost the moment it returns.
+fn queued(row: &tokio_postgres::Row, ttl: Duration) -> Duration {
+    let expires_at: SystemTime = row.get(4);
+    let started: SystemTime = row.get(5);
+    expires_at
+        .checked_sub(ttl)
+        .and_then(|leased| leased.duration_since(started).ok())
+        .unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use backon::BackoffBuilder;
+
+    use super::*;
+
+    #[test]
+    fn rejoin_delays_differ_between_members() {
+        let delays = || -> Vec<Duration> {
+            rejoin_backoff(Duration::from_secs(5))
+                .build()
+                .take(4)
+                .collect()
+        };
+        let (a, b) = (delays(), delays());
+        assert_ne!(a, b, "two members drew the same jittered delays: {a:?}");
+        assert!(a.iter().all(|d| *d >= Duration::from_millis(50)));
+    }
 }

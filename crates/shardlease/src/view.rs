@@ -69,6 +69,14 @@ impl View {
         }
     }
 
+    /// This member's lease incarnation, when joined.
+    pub fn my_incarnation(&self) -> Option<i64> {
+        match self.state {
+            MemberState::Joined { incarnation, .. } => Some(incarnation),
+            _ => None,
+        }
+    }
+
     /// True when joined.
     pub fn is_joined(&self) -> bool {
         matches!(self.state, MemberState::Joined { .. })

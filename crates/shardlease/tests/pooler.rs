@@ -1,6 +1,7 @@
-//! shardlease behind a real PgBouncer (`shardlease_testkit::PgBouncer`): fenced work through a
-//! transaction pooler works, with many clients on few server connections; a session through
-//! one is refused. Every test skips, saying why, when there is no pgbouncer binary.
+//! shardlease behind a real PgBouncer (`shardlease_testkit::PgBouncer`): fenced work (member
+//! and leader fences) through a transaction pooler works, with many clients on few server
+//! connections; a session through one is refused. Every test skips, saying why, when there
+//! is no pgbouncer binary.
 //!
 //! Sessions (`Member::join`) connect directly unless a test says otherwise; work clients go
 //! through PgBouncer in transaction mode.
@@ -341,4 +342,109 @@ async fn joining_through_a_session_pool_works() {
         .expect("join through a session pool");
     assert!(member.view().is_joined());
     member.leave().await.expect("leave");
+}
+
+/// The leader fence through a transaction pooler: the leader's transaction commits, on the
+/// pool's one server connection shared with a follower's client; once the leader is deposed
+/// (its session ends, its successor's watcher reaps it), its open transaction is refused at
+/// commit and leaves nothing behind, and the new leader's commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_transaction_through_a_transaction_pooler_commits_only_while_leading() {
+    use shardlease::{FenceReason, Leader, LeaderConfig};
+    let db = TestDb::migrated().await;
+    let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 1).await else {
+        return;
+    };
+    let admin = db.client().await;
+    admin
+        .batch_execute("CREATE TABLE public.decisions (id serial PRIMARY KEY, by text NOT NULL)")
+        .await
+        .expect("create the table");
+    let leader_cfg = |m: &str| {
+        LeaderConfig::new("pooled-leader", m)
+            .heartbeat(Duration::from_secs(5))
+            .lease_ttl(Duration::from_secs(30))
+    };
+    let a = Leader::join(&db.pg, leader_cfg("a"))
+        .await
+        .expect("join directly");
+    let b = Leader::join(&db.pg, leader_cfg("b"))
+        .await
+        .expect("join directly");
+    b.wait_for(
+        WAIT,
+        |e| matches!(&e.leadership, shardlease::Leadership::Following { leader } if leader == "a"),
+    )
+    .await
+    .expect("b follows a");
+    let pooled = bouncer.db_config(&db.name);
+    let mut work_a = shardlease::connect_client(&pooled, "work a")
+        .await
+        .expect("connect through PgBouncer");
+    let mut work_b = shardlease::connect_client(&pooled, "work b")
+        .await
+        .expect("connect through PgBouncer");
+    let fence = a.fence().expect("a leads");
+    let tx = fence
+        .begin(&mut work_a)
+        .await
+        .expect("begin through PgBouncer");
+    tx.execute_typed(
+        "INSERT INTO public.decisions (by) VALUES ($1)",
+        &[(&"a", Type::TEXT)],
+    )
+    .await
+    .expect("insert through PgBouncer");
+    tx.commit()
+        .await
+        .expect("the leader commits through PgBouncer");
+
+    // Depose a while its next transaction is open.
+    let tx = fence
+        .begin(&mut work_a)
+        .await
+        .expect("begin through PgBouncer");
+    tx.execute_typed(
+        "INSERT INTO public.decisions (by) VALUES ($1)",
+        &[(&"a, deposed", Type::TEXT)],
+    )
+    .await
+    .expect("insert through PgBouncer");
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(backend_pid, 5000) FROM shardlease.leases WHERE member_id = 'a'",
+            &[],
+        )
+        .await
+        .expect("end a's session");
+    b.wait_for(WAIT, |e| e.leadership.is_leading())
+        .await
+        .expect("b leads");
+    match tx.commit().await {
+        Err(Error::Fenced { reason, .. }) => assert_eq!(reason, FenceReason::LeaseGone),
+        other => panic!("the deposed leader's commit through PgBouncer: {other:?}"),
+    }
+    let tx = b
+        .fence()
+        .expect("b leads")
+        .begin(&mut work_b)
+        .await
+        .expect("the new leader begins through PgBouncer");
+    tx.execute_typed(
+        "INSERT INTO public.decisions (by) VALUES ($1)",
+        &[(&"b", Type::TEXT)],
+    )
+    .await
+    .expect("insert through PgBouncer");
+    tx.commit().await.expect("the new leader commits");
+    let rows: Vec<String> = admin
+        .query("SELECT by FROM public.decisions ORDER BY id", &[])
+        .await
+        .expect("read")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(rows, ["a", "b"]);
+    a.resign().await.expect("resign");
+    b.resign().await.expect("resign");
 }
