@@ -16,6 +16,14 @@
 //!
 //! `sslrootcert=system` means the bundled webpki (Mozilla) roots and, as in libpq, implies
 //! `verify-full` and refuses weaker modes.
+//!
+//! Client certificates ([`ClientCert`]) are libpq's `sslcert`, `sslkey` and `sslpassword`,
+//! also taken out of the string: the connector presents them when the server asks. The key
+//! may be PKCS#8, PKCS#1 (RSA) or SEC1 (EC) PEM, or PKCS#8 encrypted with `sslpassword`
+//! (PBES2: PBKDF2 or scrypt with AES-CBC, what `openssl pkcs8 -topk8 -v2 aes-256-cbc` and
+//! OpenSSL 3's `genpkey -aes256` write); as in libpq, a key file that the group or others
+//! may read is refused. Both files are read at every connection attempt, so renewed ones
+//! are picked up without a restart.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -26,7 +34,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
@@ -129,6 +137,151 @@ impl fmt::Display for RootCert {
     }
 }
 
+/// libpq's `sslcert`, `sslkey` and `sslpassword`: the certificate this client presents to
+/// the server (for `cert` authentication or `clientcert=verify-full` in `pg_hba.conf`).
+///
+/// Unlike libpq, there is no default file (libpq reads `~/.postgresql/postgresql.crt` and
+/// `.key` when present): give both paths. Both files are read at every connection attempt.
+#[derive(Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct ClientCert {
+    /// PEM file of the client's certificate, followed by any intermediate certificates.
+    pub cert: PathBuf,
+    /// PEM file of its private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC); or PKCS#8 encrypted
+    /// with the [password](ClientCert::password). Refused when the group or others may read
+    /// it, as in libpq (at most 0600, or 0640 when owned by root).
+    pub key: PathBuf,
+    password: Option<String>,
+}
+
+impl ClientCert {
+    /// The certificate file and its key file.
+    pub fn new(cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> ClientCert {
+        ClientCert {
+            cert: cert.into(),
+            key: key.into(),
+            password: None,
+        }
+    }
+
+    /// The password of an encrypted key (libpq's `sslpassword`); ignored for a plain key.
+    #[must_use]
+    pub fn password(mut self, password: impl Into<String>) -> ClientCert {
+        self.password = Some(password.into());
+        self
+    }
+
+    /// Whether a password is set (it is never shown).
+    pub fn has_password(&self) -> bool {
+        self.password.is_some()
+    }
+}
+
+impl fmt::Debug for ClientCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientCert")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Read the client's certificate chain and key; errors name the file and say what to do.
+pub(crate) fn load_client_cert(
+    c: &ClientCert,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let shown = c.cert.display();
+    let pem = std::fs::read(&c.cert).map_err(|e| format!("sslcert {shown} cannot be read: {e}"))?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("sslcert {shown} is not a valid PEM file: {e}"))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "sslcert {shown} contains no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        ));
+    }
+    Ok((chain, load_client_key(&c.key, c.password.as_deref())?))
+}
+
+fn load_client_key(path: &Path, password: Option<&str>) -> Result<PrivateKeyDer<'static>, String> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| {
+        format!("sslkey {shown} cannot be read: {e} (the private key of sslcert is needed too)")
+    })?;
+    if !meta.is_file() {
+        return Err(format!("sslkey {shown} is not a regular file"));
+    }
+    check_key_permissions(path, &meta)?;
+    let pem = std::fs::read(path).map_err(|e| format!("sslkey {shown} cannot be read: {e}"))?;
+    let text = String::from_utf8_lossy(&pem);
+    if let Some(block) = pem_block(&text, "ENCRYPTED PRIVATE KEY") {
+        let Some(password) = password else {
+            return Err(format!(
+                "sslkey {shown} is encrypted: give its password as sslpassword"
+            ));
+        };
+        let (_, der) = pkcs8::der::pem::decode_vec(block.as_bytes())
+            .map_err(|e| format!("sslkey {shown}: the encrypted key is not valid PEM: {e}"))?;
+        let info = pkcs8::EncryptedPrivateKeyInfo::try_from(der.as_slice())
+            .map_err(|e| format!("sslkey {shown}: the encrypted key is not valid PKCS#8: {e}"))?;
+        // pkcs8's message ("PKCS#5 encryption failed") would mislead: say what it means.
+        let plain = info.decrypt(password).map_err(|_| {
+            format!(
+                "sslkey {shown} cannot be decrypted with sslpassword: a wrong password, \
+                 or an encryption other than PBES2 (PBKDF2 or scrypt with AES-CBC)"
+            )
+        })?;
+        return Ok(PrivatePkcs8KeyDer::from(plain.as_bytes().to_vec()).into());
+    }
+    if text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err(format!(
+            "sslkey {shown} is encrypted in OpenSSL's traditional format, which is not supported: \
+             convert it to encrypted PKCS#8 with \
+             `openssl pkcs8 -topk8 -v2 aes-256-cbc -in {shown} -out key.p8` and use that file"
+        ));
+    }
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        format!(
+            "sslkey {shown} holds no usable private key ({e}): PEM PKCS#8 (BEGIN PRIVATE KEY), \
+             PKCS#1 (BEGIN RSA PRIVATE KEY), SEC1 (BEGIN EC PRIVATE KEY) or encrypted PKCS#8 \
+             (BEGIN ENCRYPTED PRIVATE KEY) are supported"
+        )
+    })
+}
+
+/// The first `-----BEGIN label-----` ... `-----END label-----` block of `text`.
+fn pem_block<'a>(text: &'a str, label: &str) -> Option<&'a str> {
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let start = text.find(&begin)?;
+    let stop = text[start..].find(&end)? + start + end.len();
+    Some(&text[start..stop])
+}
+
+/// libpq's rule: a key file that the group or others may read is refused (0600 or less;
+/// 0640 or less when owned by root, as mounted secrets often are).
+#[cfg(unix)]
+fn check_key_permissions(path: &Path, meta: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode() & 0o777;
+    let forbidden = if meta.uid() == 0 { 0o037 } else { 0o077 };
+    if mode & forbidden != 0 {
+        return Err(format!(
+            "sslkey {} has group or world access (mode {mode:04o}): it must be u=rw (0600) or \
+             less, or u=rw,g=r (0640) or less when owned by root (chmod 0600 {})",
+            path.display(),
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_key_permissions(_: &Path, _: &std::fs::Metadata) -> Result<(), String> {
+    Ok(())
+}
+
 /// What the certificate verifier checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verification {
@@ -157,13 +310,17 @@ pub(crate) struct TlsParams {
     pub rest: String,
     pub sslmode: Option<String>,
     pub sslrootcert: Option<String>,
-    /// A parameter we recognise but do not support (client certificates).
+    pub sslcert: Option<String>,
+    pub sslkey: Option<String>,
+    pub sslpassword: Option<String>,
+    /// A parameter we recognise but do not support (revocation lists).
     pub unsupported: Option<String>,
 }
 
-const UNSUPPORTED: &[&str] = &["sslcert", "sslkey", "sslpassword", "sslcrl", "sslcrldir"];
+const UNSUPPORTED: &[&str] = &["sslcrl", "sslcrldir"];
 
-/// Take `sslmode` and `sslrootcert` out of a `postgres://` URL or a key=value string. The
+/// Take the TLS parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`, `sslpassword`)
+/// out of a `postgres://` URL or a key=value string. The
 /// last occurrence wins, as in libpq. A string this cannot tokenise is returned unchanged,
 /// for tokio-postgres to report.
 pub(crate) fn take_tls_params(s: &str) -> TlsParams {
@@ -172,6 +329,9 @@ pub(crate) fn take_tls_params(s: &str) -> TlsParams {
         match key {
             "sslmode" => out.sslmode = Some(value),
             "sslrootcert" => out.sslrootcert = Some(value),
+            "sslcert" => out.sslcert = Some(value),
+            "sslkey" => out.sslkey = Some(value),
+            "sslpassword" => out.sslpassword = Some(value),
             k if UNSUPPORTED.contains(&k) => out.unsupported = Some(k.to_owned()),
             _ => return true,
         }
@@ -324,6 +484,7 @@ pub(crate) fn load_roots(root: Option<&RootCert>) -> Result<RootCertStore, Strin
 pub(crate) fn connector(
     verification: Verification,
     root: Option<&RootCert>,
+    client: Option<&ClientCert>,
 ) -> Result<MakeRustlsConnect, String> {
     let provider = provider();
     let verifier: Arc<dyn ServerCertVerifier> = match verification {
@@ -344,12 +505,31 @@ pub(crate) fn connector(
             }
         }
     };
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("cannot configure TLS: {e}"))?
         .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match client {
+        None => builder.with_no_client_auth(),
+        Some(c) => {
+            let (chain, key) = load_client_cert(c)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| match e {
+                    rustls::Error::InconsistentKeys(_) => format!(
+                        "sslkey {} is not the key of sslcert {}: give the key the certificate was issued for",
+                        c.key.display(),
+                        c.cert.display()
+                    ),
+                    e => format!(
+                        "sslkey {} cannot be used with sslcert {}: {e}",
+                        c.key.display(),
+                        c.cert.display()
+                    ),
+                })?
+        }
+    };
     // PostgreSQL 17 checks ALPN on direct TLS connections; older servers ignore it.
     config.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(MakeRustlsConnect::new(config))
@@ -463,13 +643,17 @@ impl ServerCertVerifier for ChainOnly {
     }
 }
 
-/// When a connection failed because the server's certificate was rejected, say why and
-/// what to do; `None` for every other failure.
+/// When a connection failed because a certificate was rejected (the server's by us, or
+/// ours by the server), say why and what to do; `None` for every other failure.
 pub(crate) fn explain_rejection(
     e: &tokio_postgres::Error,
     mode: TlsMode,
     root: Option<&RootCert>,
+    client: Option<&ClientCert>,
 ) -> Option<String> {
+    if let Some(detail) = explain_client_rejection(e, client) {
+        return Some(detail);
+    }
     let cert_error = rustls_error(e).and_then(|r| match r {
         rustls::Error::InvalidCertificate(c) => Some(c),
         _ => None,
@@ -508,6 +692,56 @@ pub(crate) fn explain_rejection(
     Some(format!(
         "the server's certificate was rejected ({mode}): {why}"
     ))
+}
+
+/// The server refused our client certificate (a TLS alert), or none was given where one is
+/// required, or its CN is not the user (authentication fails with SQLSTATE 28000).
+fn explain_client_rejection(
+    e: &tokio_postgres::Error,
+    client: Option<&ClientCert>,
+) -> Option<String> {
+    use rustls::AlertDescription as A;
+    let sent = |c: &ClientCert| format!("sslcert {}", c.cert.display());
+    if let Some(rustls::Error::AlertReceived(alert)) = rustls_error(e) {
+        let Some(c) = client else {
+            return Some(format!(
+                "the server ended the TLS handshake (alert {alert:?}); if it requires a client \
+                 certificate, set sslcert and sslkey"
+            ));
+        };
+        let why = match alert {
+            A::UnknownCA => "it is not signed by a CA that the server trusts (unknown CA): \
+                             the server's ssl_ca_file must hold the CA that signed it"
+                .to_owned(),
+            A::CertificateExpired => "it has expired".to_owned(),
+            A::CertificateRevoked => "it is revoked (the server's ssl_crl_file)".to_owned(),
+            other => format!(
+                "alert {other:?}: check that it is signed by a CA in the server's ssl_ca_file, \
+                 valid now, and meant for client authentication"
+            ),
+        };
+        return Some(format!(
+            "the server rejected the client certificate {}: {why}",
+            sent(c)
+        ));
+    }
+    let db = e.as_db_error()?;
+    if db.code().code() != "28000" || !db.message().contains("certificate") {
+        return None;
+    }
+    Some(match client {
+        None => format!(
+            "the server requires a client certificate (SQLSTATE 28000: {}): set sslcert and sslkey",
+            db.message()
+        ),
+        Some(c) => format!(
+            "the server accepted the chain of the client certificate {} but not for this user \
+             (SQLSTATE 28000: {}): with `cert` authentication or clientcert=verify-full, the \
+             certificate's CN must be the user name, or map to it in pg_ident.conf",
+            sent(c),
+            db.message()
+        ),
+    })
 }
 
 /// The rustls error in `e`'s chain of causes (tokio-rustls wraps it in an `io::Error`,
@@ -587,9 +821,35 @@ mod tests {
     #[test]
     fn unsupported_params_are_noticed() {
         assert_eq!(
-            take_tls_params("postgres://h/db?sslcert=c.pem").unsupported,
-            Some("sslcert".into())
+            take_tls_params("postgres://h/db?sslcrl=c.pem").unsupported,
+            Some("sslcrl".into())
         );
+    }
+
+    #[test]
+    fn client_certificate_params_are_taken() {
+        let p = take_tls_params(
+            "postgres://u@h/db?sslcert=%2Fc%2Fa.crt&application_name=x&sslkey=k.pem&sslpassword=p%26w",
+        );
+        assert_eq!(p.rest, "postgres://u@h/db?application_name=x");
+        assert_eq!(p.sslcert.as_deref(), Some("/c/a.crt"));
+        assert_eq!(p.sslkey.as_deref(), Some("k.pem"));
+        assert_eq!(p.sslpassword.as_deref(), Some("p&w"));
+        assert_eq!(p.unsupported, None);
+        let p = take_tls_params("host=h sslcert=c.pem sslkey='/a b.key' sslpassword=pw");
+        assert_eq!(p.rest.trim(), "host=h");
+        assert_eq!(p.sslkey.as_deref(), Some("/a b.key"));
+    }
+
+    #[test]
+    fn client_cert_debug_hides_the_password() {
+        let c = ClientCert::new("/c.crt", "/c.key").password("hunter2");
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("redacted"),
+            "{shown}"
+        );
+        assert!(c.has_password());
     }
 
     #[test]
