@@ -1,28 +1,35 @@
 //! Sharding your own table with shardlease.
 //!
-//! `orders` gets a stored `shard` column computed by `shardlease.shard_of(id)` (0..1023, the
-//! SQL twin of `shardlease::hash::shard_of_uuid`). Every process joins the group `orders`, and
-//! every second (and at once when the membership changes) it processes the unprocessed rows of
-//! the shards it owns, in ONE fenced transaction with one batched UPDATE. If the view it
-//! computed its shards from is stale, the transaction is refused with `Error::Fenced` and
-//! nothing commits; the process waits for the next view and retries. So no row is ever
+//! `orders` is an ordinary table (it may already exist, large and in use). It gets a stored
+//! 32-bit hash of its id, `key_hash`, without a rewrite: `shardlease::live_table` adds a
+//! nullable column and a trigger, backfills the old rows in small transactions, builds the
+//! index `CONCURRENTLY` and validates (`shardlease.uuid_hash(id)` is the SQL twin of
+//! `shardlease::hash::uuid_hash`). Every process joins the group `orders`, and every second
+//! (and at once when the membership changes) it processes the unprocessed rows of the hash
+//! ranges it owns (the balanced shard table of the view: every member owns the same number of
+//! the 65,536 hash shards, to one), in ONE fenced transaction with one batched UPDATE. If the
+//! view it computed its ranges from is stale, the transaction is refused with `Error::Fenced`
+//! and nothing commits; the process waits for the next view and retries. So no row is ever
 //! processed by two members, even while members come and go.
 //!
 //! ```text
 //! cargo run -p shardlease --example shard_my_table -- --member a --seed 1000   # in two or
 //! cargo run -p shardlease --example shard_my_table -- --member b               # more terminals
-//! psql -c 'SELECT processed_by, count(*), count(DISTINCT shard) FROM orders GROUP BY 1'
+//! psql -c 'SELECT processed_by, count(*) FROM orders GROUP BY 1'
 //! ```
 //!
 //! Output: `JOINED <me> slot=<s>`, then
-//! `VIEW <me> generation=<g> slot=<s> slot_count=<S> live=<slots> shards=<n>` per view change,
+//! `VIEW <me> generation=<g> slot=<s> slot_count=<S> live=<slots> shards=<n> ranges=<r>` per
+//! view change,
 //! `PROCESSED <me> rows=<n> generation=<g> [ids…]`, `FENCED <me>: <why>`, `DONE <me>`, `LEFT <me>`.
 
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use shardlease::hash::SHARDS;
+use shardlease::live_table::KeyHashColumn;
+use shardlease::migrate::MigrateOptions;
+use shardlease::shard_table::{HashRanges, HASH_SHARDS};
 use shardlease::tokio_postgres::Client;
 use shardlease::{Member, MemberConfig, View};
 use tokio::signal::unix::{signal, SignalKind};
@@ -66,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
 
     let pg = shardlease::parse_database_url(&args.database_url)?;
     let mut client = shardlease::connect_client(&pg, "shard_my_table").await?;
-    shardlease::migrate(&mut client).await?; // creates the SQL function shardlease.shard_of
+    shardlease::migrate(&mut client).await?; // creates shardlease.uuid_hash, add_key_hash, ...
     setup(&mut client, args.seed).await?;
 
     let member = Member::join(&pg, MemberConfig::new(&args.group, &me)).await?;
@@ -74,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
     let mut view = views.borrow_and_update().clone();
     let slot = view.my_slot().context("joined, so the view has our slot")?;
     println!("JOINED {me} slot={slot}");
-    print_view(&me, &view);
+    print_view(&me, &view)?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut started = false;
 
@@ -87,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
                     anyhow::bail!("the member stopped");
                 }
                 view = views.borrow_and_update().clone();
-                print_view(&me, &view);
+                print_view(&me, &view)?;
                 // Fall through: take over new shards now, not at the next tick.
             }
             _ = tick.tick() => view = views.borrow().clone(),
@@ -97,7 +104,8 @@ async fn main() -> anyhow::Result<()> {
         if !started || !view.is_joined() {
             continue;
         }
-        match process_my_shards(&mut client, &view, &me).await {
+        let ranges = my_ranges(&view)?;
+        match process_my_shards(&mut client, &view, &ranges, &me).await {
             Ok(ids) if ids.is_empty() => {}
             Ok(ids) => {
                 let sample: Vec<String> = ids.iter().take(3).map(Uuid::to_string).collect();
@@ -132,19 +140,19 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Create the table (and a partial index for the work query) and seed it if it is empty. The
-/// advisory lock serialises concurrent starters, so that only one of them seeds.
+/// Create the table if it is missing and seed it if it is empty (the transaction-level
+/// advisory lock serialises concurrent starters, so that only one of them seeds), then put it
+/// on its stored hash: on an existing, large, busy table the same call works online (brief
+/// locks with a bounded `lock_timeout`, a backfill in small transactions, `CREATE INDEX
+/// CONCURRENTLY`), and concurrent callers take turns.
 async fn setup(client: &mut Client, seed: u32) -> anyhow::Result<()> {
     let tx = client.transaction().await?;
     tx.batch_execute(
         "SELECT pg_advisory_xact_lock(hashtext('orders setup'));
          CREATE TABLE IF NOT EXISTS orders (
              id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-             shard int GENERATED ALWAYS AS (shardlease.shard_of(id)) STORED,
              processed_by text,
-             processed_at timestamptz);
-         CREATE INDEX IF NOT EXISTS orders_unprocessed ON orders (shard)
-             WHERE processed_by IS NULL;",
+             processed_at timestamptz);",
     )
     .await
     .context("creating orders")?;
@@ -159,28 +167,48 @@ async fn setup(client: &mut Client, seed: u32) -> anyhow::Result<()> {
     if seeded > 0 {
         println!("SEEDED {seeded} orders");
     }
+    let report = KeyHashColumn::new("orders", "id")
+        .prepare(client, &MigrateOptions::default())
+        .await
+        .context("adding orders.key_hash")?;
+    if !report.steps.is_empty() {
+        println!(
+            "KEY_HASH steps={} backfilled={}",
+            report.steps.join(","),
+            report.backfilled_rows
+        );
+    }
     Ok(())
 }
 
-/// One fenced transaction: claim every unprocessed row of the shards this view gives us.
+/// The hash ranges `view` gives this member (empty when it is not joined).
+fn my_ranges(view: &View) -> anyhow::Result<HashRanges> {
+    Ok(match view.my_slot() {
+        Some(slot) => view
+            .assignment()
+            .shard_table(HASH_SHARDS)?
+            .hash_ranges(slot),
+        None => HashRanges::default(),
+    })
+}
+
+/// One fenced transaction: claim every unprocessed row of `ranges`, the hash ranges that
+/// `view` gives us.
 async fn process_my_shards(
     client: &mut Client,
     view: &View,
+    ranges: &HashRanges,
     me: &str,
 ) -> shardlease::Result<Vec<Uuid>> {
     let fence = view.fence()?; // Err(Fenced) when not joined
-    let shards: Vec<i32> = view
-        .assignment()
-        .shards_of(fence.slot(), SHARDS)
-        .into_iter()
-        .map(|s| s as i32)
-        .collect();
     let tx = fence.begin(client).await?; // Err(Fenced) when the view is stale
     let rows = tx
         .query(
-            "UPDATE orders SET processed_by = $1, processed_at = now()
-             WHERE shard = ANY($2) AND processed_by IS NULL RETURNING id",
-            &[&me, &shards],
+            "UPDATE orders o SET processed_by = $1, processed_at = now()
+               FROM unnest($2::int4[], $3::int4[]) AS r(lo, hi)
+              WHERE o.key_hash BETWEEN r.lo AND r.hi AND o.processed_by IS NULL
+             RETURNING o.id",
+            &[&me, &ranges.lower_bounds(), &ranges.upper_bounds()],
         )
         .await?;
     tx.commit().await?;
@@ -197,19 +225,20 @@ async fn nothing_left(client: &Client) -> anyhow::Result<bool> {
     Ok(row.get(0))
 }
 
-fn print_view(me: &str, view: &View) {
+fn print_view(me: &str, view: &View) -> anyhow::Result<()> {
     let assignment = view.assignment();
     let live: Vec<String> = assignment.live_slots().map(|s| s.to_string()).collect();
-    let shards = view
-        .my_slot()
-        .map_or(0, |s| assignment.shards_of(s, SHARDS).len());
+    let table = assignment.shard_table(HASH_SHARDS)?;
+    let shards = view.my_slot().map_or(0, |s| table.shards_of(s).len());
     println!(
-        "VIEW {me} generation={} slot={} slot_count={} live={} shards={shards}",
+        "VIEW {me} generation={} slot={} slot_count={} live={} shards={shards} ranges={}",
         view.generation,
         view.my_slot().map_or("-".into(), |s| s.to_string()),
         view.slot_count,
         live.join(","),
+        my_ranges(view)?.len(),
     );
+    Ok(())
 }
 
 fn default_member_id() -> String {

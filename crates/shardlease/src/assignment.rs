@@ -24,6 +24,10 @@
 //! - loads are balanced within sampling noise;
 //! - with every slot live it is plain jump hash.
 //!
+//! [`Assignment::shards_of`] gives each of `n` virtual shards its own jump hash, so slots own
+//! a random *number* of shards; for the balance of items at every group size use the
+//! [`shard_table`](crate::shard_table) instead, which gives every slot its quota exactly.
+//!
 //! The slot rules that keep those promises across membership changes are
 //! [`join_slot`], [`slot_count_after_leave`] and [`slot_count_after_leaves`]; the database
 //! code and the tests share them.
@@ -65,7 +69,7 @@ use crate::hash::{mix, shard_key};
 pub const MAX_SLOT_COUNT: u32 = 1 << 16;
 
 /// How many probes, per slot of `S`, [`Assignment::owner`] makes before its fallback.
-const PROBES_PER_SLOT: u64 = 64;
+pub(crate) const PROBES_PER_SLOT: u64 = 64;
 
 /// Why a membership view is not a valid assignment input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,6 +82,15 @@ pub enum AssignmentError {
         slot: u32,
         /// The slot count of the view.
         slot_count: u32,
+    },
+    /// A shard table was asked for 0 shards or more than
+    /// [`MAX_SHARDS`](crate::shard_table::MAX_SHARDS).
+    #[error("a shard table needs 1 to {max} shards, not {shards}")]
+    ShardCount {
+        /// The shard count asked for.
+        shards: u32,
+        /// [`MAX_SHARDS`](crate::shard_table::MAX_SHARDS).
+        max: u32,
     },
     /// The slot count exceeds [`MAX_SLOT_COUNT`].
     #[error("slot count {slot_count} exceeds the maximum of {max}")]
@@ -210,11 +223,21 @@ impl Assignment {
 
     /// [`Assignment::owner`] with a budget of `probes >= 1` probes before the fallback.
     fn owner_within(&self, key: u64, probes: u64) -> Option<u32> {
+        if self.live.is_empty() {
+            return None;
+        }
+        self.probe_from(key, jump_hash(key, self.slot_count), probes)
+    }
+
+    /// The owner of `key` whose probe 0 is `first` (a slot `< S`): `first` itself when it is
+    /// live, else the re-probe sequence of [`Assignment::owner`] from probe 1 on, with its
+    /// fallback. The [`crate::shard_table`] takes probe 0 from its quota table instead of
+    /// jump hash, and everything after it from here. Needs a live slot.
+    pub(crate) fn probe_from(&self, key: u64, first: u32, probes: u64) -> Option<u32> {
         let s = self.slot_count;
         if self.live.is_empty() {
             return None;
         }
-        let first = jump_hash(key, s);
         // Fast path: every slot is live (`live` is a set of slots < s).
         if self.live.len() == s as usize || self.is_live(first) {
             return Some(first);
@@ -292,7 +315,7 @@ impl Assignment {
 ///
 /// The crate computes `k.wrapping_mul(..) + 1`, which overflows for some keys; the workspace
 /// turns overflow checks off for that crate, and a test below keeps a key that triggers it.
-fn jump_hash(key: u64, buckets: u32) -> u32 {
+pub(crate) fn jump_hash(key: u64, buckets: u32) -> u32 {
     debug_assert!(buckets >= 1);
     jump_consistent_hash::hash(key, buckets as usize)
 }

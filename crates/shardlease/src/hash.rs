@@ -13,6 +13,13 @@
 //! | [`uuid_key_i64`] | `('x' \|\| encode(substr(sha256(uuid_send(id)), 1, 8), 'hex'))::bit(64)::bigint` |
 //! | [`str_key_i64`] | `('x' \|\| encode(substr(sha256(convert_to(s, 'UTF8')), 1, 8), 'hex'))::bit(64)::bigint` |
 //! | [`shard_of_uuid`] | `(shardlease.uuid_key(id) & 1023)::int` |
+//! | [`uuid_hash`] | `shardlease.uuid_hash(id)`: `('x' \|\| encode(substr(sha256(uuid_send(id)), 1, 4), 'hex'))::bit(32)::int` |
+//! | [`str_hash`] | `shardlease.str_hash(s)`: the same over `convert_to(s, 'UTF8')` |
+//! | [`int_hash`] | `shardlease.int_hash(v)`: the same over `int8send(v)` (8 bytes, big-endian) |
+//!
+//! The 32-bit hashes ([`uuid_hash`], [`str_hash`], [`int_hash`]) are what a table stores per
+//! row (a plain `integer` column, filled by a trigger) so that members can own *ranges* of the
+//! hash space: see [`crate::shard_table`].
 
 use sha2::{Digest, Sha256};
 
@@ -21,6 +28,10 @@ use sha2::{Digest, Sha256};
 pub const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// The number of virtual shards that [`shard_of_uuid`] maps ids to. A power of two.
+///
+/// The legacy layout: with one jump hash per shard, 1,024 shards balance items poorly beyond a
+/// few dozen members. New tables store [`uuid_hash`] and own hash ranges through the
+/// [`shard_table`](crate::shard_table).
 pub const SHARDS: u32 = 1024;
 
 /// The SplitMix64 finalizer: a bijective 64-bit mixer with good avalanche.
@@ -156,6 +167,66 @@ pub fn shard_of_uuid(id: &uuid::Uuid) -> u32 {
     (uuid_key(id) & (u64::from(SHARDS) - 1)) as u32
 }
 
+/// The first 4 bytes of SHA-256 over `bytes`, read as a big-endian `i32` (two's complement).
+fn sha256_prefix_i32(bytes: &[u8]) -> i32 {
+    let digest = Sha256::digest(bytes);
+    let mut prefix = [0u8; 4];
+    prefix.copy_from_slice(&digest[..4]);
+    i32::from_be_bytes(prefix)
+}
+
+/// The stored 32-bit hash of a UUID: the first 4 bytes, read big-endian as a signed `integer`,
+/// of SHA-256 over the 16 raw bytes of the UUID. These are the high 32 bits of [`uuid_key`].
+///
+/// SQL twin (`shardlease.uuid_hash(uuid)`, from schema version 5):
+///
+/// ```sql
+/// ('x' || encode(substr(sha256(uuid_send(id)), 1, 4), 'hex'))::bit(32)::int
+/// ```
+///
+/// ```
+/// use shardlease::hash::{uuid_hash, uuid_key};
+/// use uuid::Uuid;
+/// let id = Uuid::nil();
+/// assert_eq!(uuid_hash(&id), 0x374708ff);
+/// assert_eq!(uuid_hash(&id), (uuid_key(&id) >> 32) as u32 as i32);
+/// ```
+#[must_use]
+pub fn uuid_hash(id: &uuid::Uuid) -> i32 {
+    sha256_prefix_i32(id.as_bytes())
+}
+
+/// The stored 32-bit hash of a string: the first 4 bytes, read big-endian as a signed
+/// `integer`, of SHA-256 over its UTF-8 bytes (the high 32 bits of [`str_key`]).
+///
+/// SQL twin: `shardlease.str_hash(text)`.
+///
+/// ```
+/// use shardlease::hash::str_hash;
+/// // SHA-256("") = e3b0c442...
+/// assert_eq!(str_hash(""), 0xe3b0c442_u32 as i32);
+/// ```
+#[must_use]
+pub fn str_hash(s: &str) -> i32 {
+    sha256_prefix_i32(s.as_bytes())
+}
+
+/// The stored 32-bit hash of a 64-bit integer key: the first 4 bytes, read big-endian as a
+/// signed `integer`, of SHA-256 over its 8 big-endian bytes (PostgreSQL's `int8send`).
+/// `smallint` and `integer` keys are widened to `bigint` first.
+///
+/// SQL twin: `shardlease.int_hash(bigint)`.
+///
+/// ```
+/// use shardlease::hash::int_hash;
+/// assert_eq!(int_hash(1), int_hash(1)); // stable
+/// assert_ne!(int_hash(1), int_hash(2));
+/// ```
+#[must_use]
+pub fn int_hash(v: i64) -> i32 {
+    sha256_prefix_i32(&v.to_be_bytes())
+}
+
 /// The assignment key of a virtual shard: `mix64(shard)`.
 ///
 /// Jump hash wants well-spread 64-bit keys; small consecutive integers are not, so shards are
@@ -249,6 +320,39 @@ mod tests {
         assert_eq!(str_key("abc"), 0xba78_16bf_8f01_cfea);
         // SHA-256 of 16 zero bytes = 374708fff7719dd5...
         assert_eq!(uuid_key(&uuid::Uuid::nil()), 0x3747_08ff_f771_9dd5);
+    }
+
+    #[test]
+    fn hash32_match_vectors() {
+        let v = vectors();
+        let cases = array(&v, "hash32");
+        assert!(cases.len() >= 40);
+        for case in cases {
+            let want = case["hash"].as_i64().unwrap();
+            let got = if let Some(id) = case.get("uuid") {
+                uuid_hash(&id.as_str().unwrap().parse().unwrap())
+            } else if let Some(s) = case.get("s") {
+                str_hash(s.as_str().unwrap())
+            } else {
+                int_hash(case["int"].as_i64().unwrap())
+            };
+            assert_eq!(i64::from(got), want, "{case}");
+        }
+    }
+
+    /// The 32-bit hashes are the high halves of the 64-bit keys (one SHA-256 prefix).
+    #[test]
+    fn hash32_is_the_high_half_of_the_key() {
+        for s in ["", "a", "work_items", "日本語"] {
+            assert_eq!(str_hash(s), (str_key(s) >> 32) as u32 as i32);
+        }
+        for n in 0..64u128 {
+            let id =
+                uuid::Uuid::from_u128(n.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835));
+            assert_eq!(uuid_hash(&id), (uuid_key(&id) >> 32) as u32 as i32);
+        }
+        // SHA-256 of the 8 bytes 00..01 starts cd2662154e6d76b2...
+        assert_eq!(int_hash(1), 0xcd26_6215_u32 as i32);
     }
 
     #[test]

@@ -580,6 +580,42 @@ fn owner_vectors_match() {
     }
 }
 
+/// The `shard_tables` vectors pin the balanced shard table (quota table and re-probes).
+#[test]
+fn shard_table_vectors_match() {
+    let v: serde_json::Value =
+        serde_json::from_str(include_str!("vectors/hash_vectors.json")).unwrap();
+    let cases = v["shard_tables"].as_array().unwrap();
+    assert!(cases.len() >= 20);
+    for c in cases {
+        let s = u32::try_from(c["slot_count"].as_u64().unwrap()).unwrap();
+        let live: Vec<u32> = c["live"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| u32::try_from(x.as_u64().unwrap()).unwrap())
+            .collect();
+        let n = u32::try_from(c["shards"].as_u64().unwrap()).unwrap();
+        let t = Assignment::new(s, live.iter().copied())
+            .unwrap()
+            .shard_table(n)
+            .unwrap();
+        let counts: Vec<u64> = live.iter().map(|&x| t.shards_of(x).len() as u64).collect();
+        let want: Vec<u64> = c["counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        assert_eq!(counts, want, "shard counts in {c}");
+        for pair in c["owners"].as_array().unwrap() {
+            let shard = u32::try_from(pair[0].as_u64().unwrap()).unwrap();
+            let want = pair[1].as_u64().map(|o| u32::try_from(o).unwrap());
+            assert_eq!(t.owner(shard), want, "owner of shard {shard} in {c}");
+        }
+    }
+}
+
 /// The inputs of the vector file. Changing them requires regenerating the file.
 const VECTOR_UUIDS: &[&str] = &[
     "00000000-0000-0000-0000-000000000000",
@@ -662,6 +698,26 @@ fn vector_owner_keys() -> Vec<u64> {
     ]
 }
 
+/// Integer keys of the `hash32` vectors.
+const VECTOR_INTS: &[i64] = &[
+    0,
+    1,
+    -1,
+    42,
+    1_000_000_007,
+    i64::MIN,
+    i64::MAX,
+    0x0123_4567_89ab_cdef,
+];
+
+/// Shard counts of the `shard_tables` vectors: the legacy column's and the hash shards.
+const VECTOR_SHARD_COUNTS: [u32; 2] = [1024, 65_536];
+
+/// The shards whose owners the `shard_tables` vectors pin.
+fn vector_table_shards(n: u32) -> Vec<u32> {
+    vec![0, 1, 2, 3, n / 3, n / 2, n - 2, n - 1, 12_345 % n]
+}
+
 const VECTOR_MIX: &[(u64, u64)] = &[
     (0, 1),
     (0, 2),
@@ -716,6 +772,46 @@ fn generate_vectors() -> String {
             )
         })
         .collect();
+    let hash32: Vec<String> = VECTOR_UUIDS
+        .iter()
+        .map(|s| {
+            let id: uuid::Uuid = s.parse().unwrap();
+            format!(
+                r#"{{"uuid": {}, "hash": {}}}"#,
+                q(&id.to_string()),
+                hash::uuid_hash(&id)
+            )
+        })
+        .chain(
+            VECTOR_STRINGS
+                .iter()
+                .map(|s| format!(r#"{{"s": {}, "hash": {}}}"#, q(s), hash::str_hash(s))),
+        )
+        .chain(
+            VECTOR_INTS
+                .iter()
+                .map(|&v| format!(r#"{{"int": {v}, "hash": {}}}"#, hash::int_hash(v))),
+        )
+        .collect();
+    let mut tables: Vec<String> = Vec::new();
+    for &(s, live) in VECTOR_VIEWS {
+        let a = Assignment::new(s, live.iter().copied()).unwrap();
+        for n in VECTOR_SHARD_COUNTS {
+            let t = a.shard_table(n).unwrap();
+            let counts: Vec<usize> = live.iter().map(|&slot| t.shards_of(slot).len()).collect();
+            let owners: Vec<String> = vector_table_shards(n)
+                .into_iter()
+                .map(|c| {
+                    let o = t.owner(c).map_or("null".to_string(), |o| o.to_string());
+                    format!("[{c}, {o}]")
+                })
+                .collect();
+            tables.push(format!(
+                r#"{{"slot_count": {s}, "live": {live:?}, "shards": {n}, "counts": {counts:?}, "owners": [{}]}}"#,
+                owners.join(", ")
+            ));
+        }
+    }
     let doc = "Test vectors for shardlease's stable hashes (crates/shardlease/src/hash.rs); Rust \
         and SQL must both reproduce them. This file is the source of truth; regenerate only on \
         purpose (SHARDLEASE_WRITE_VECTORS=1 cargo test -p shardlease --test assignment_props \
@@ -733,7 +829,16 @@ fn generate_vectors() -> String {
         jump_hash(key, S), probe i >= 1 is jump_hash(mix(key, i), S) (Lamping-Veach jump \
         consistent hash, as in the Rust jump-consistent-hash crate 0.1.0); the owner is the \
         first live probe among 64*S probes, else live_sorted[mix(key, 64*S) % len(live)]; null \
-        when live is empty.";
+        when live is empty. hash32: the stored 32-bit hash, the first 4 bytes of sha256, \
+        big-endian, as a signed integer: ('x' || encode(substr(sha256(b), 1, 4), 'hex'))::bit(32)::int \
+        with b = uuid_send(uuid) for \"uuid\", convert_to(s, 'UTF8') for \"s\", int8send(int) for \
+        \"int\". shard_tables: the balanced shard table of the view (slot_count S, live) over \
+        `shards` shards (crates/shardlease/src/shard_table.rs): counts = the number of shards of \
+        each live slot, in the order of live; owners = [shard, owner] pairs. Probe 0 of shard c is \
+        the quota table T_S(c) (T_1 = all to slot 0; T_{s+1}: every slot b < s keeps its \
+        floor(n/(s+1)) + [b < n mod (s+1)] lowest shards and hands the rest to slot s); probes i >= 1 \
+        are jump_hash(mix(mix64(c), i), S); the owner is the first live probe among 64*S probes, \
+        else live_sorted[mix(mix64(c), 64*S) % len(live)]; null when live is empty.";
     let mut owners: Vec<String> = Vec::new();
     for &(s, live) in VECTOR_VIEWS {
         let a = Assignment::new(s, live.iter().copied()).unwrap();
@@ -750,13 +855,15 @@ fn generate_vectors() -> String {
         format!("  {}: [\n{}\n  ]", q(name), lines.join(",\n"))
     };
     let text = format!(
-        "{{\n  \"_doc\": {},\n{},\n{},\n{},\n{},\n{}\n}}\n",
+        "{{\n  \"_doc\": {},\n{},\n{},\n{},\n{},\n{},\n{},\n{}\n}}\n",
         q(doc),
         section("uuid_keys", &uuid_keys),
         section("str_keys", &str_keys),
         section("mix64", &mix64s),
         section("mix", &mixes),
         section("owners", &owners),
+        section("hash32", &hash32),
+        section("shard_tables", &tables),
     );
     serde_json::from_str::<serde_json::Value>(&text).expect("the generator writes valid JSON");
     text
@@ -777,5 +884,296 @@ fn write_hash_vectors() {
         std::fs::write(path, text).unwrap();
     } else {
         print!("{text}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The balanced shard table (`shard_table`): the same promises at shard level, exact quotas, and
+// the figures through the worker's path (item id → stored 32-bit hash → hash shard → slot).
+// ---------------------------------------------------------------------------------------------
+
+use shardlease::shard_table::{ShardTable, HASH_SHARDS};
+
+/// Shards per property step: enough for every slot of the histories to own many.
+const TABLE_SHARDS: u32 = 4096;
+
+fn table(st: &State, n: u32) -> ShardTable {
+    st.assignment().shard_table(n).expect("a valid shard count")
+}
+
+fn table_owners(t: &ShardTable) -> Vec<Option<u32>> {
+    (0..t.shard_count()).map(|c| t.owner(c)).collect()
+}
+
+/// The quota `q_S(b)` of slot `b` among `S` all-live slots.
+fn quota(s: u32, b: u32, n: u32) -> usize {
+    (n / s + u32::from(b < n % s)) as usize
+}
+
+proptest! {
+    #![proptest_config(cases(32))]
+
+    /// The table depends only on the view: a random history and a canonical route to the same
+    /// `(S, live)` give the same table, shard for shard.
+    #[test]
+    fn shard_tables_depend_only_on_the_view(
+        events in proptest::collection::vec(event(), 0..60),
+        order in proptest::collection::vec(any::<usize>(), 64),
+    ) {
+        let mut a = State::default();
+        for e in &events {
+            a.apply(e);
+        }
+        let b = canonical_route(&a, &order);
+        prop_assert_eq!(table(&a, TABLE_SHARDS), table(&b, TABLE_SHARDS));
+    }
+
+    /// Every step of a random history moves shards minimally: a leave or crash moves only the
+    /// departed slots' shards (all of them, to survivors), a join moves shards only onto the
+    /// joiner; a join that grows `S` gives the joiner exactly its quota.
+    #[test]
+    fn every_step_of_a_history_moves_shards_minimally(
+        events in proptest::collection::vec(event(), 1..40),
+    ) {
+        let mut st = State::default();
+        let mut before = table_owners(&table(&st, TABLE_SHARDS));
+        for e in &events {
+            let s_before = st.s;
+            let (joiner, departed) = st.apply(e);
+            let after = table_owners(&table(&st, TABLE_SHARDS));
+            check_step(&before, &after, joiner, &departed)?;
+            for (b, a) in before.iter().zip(&after) {
+                if let Some(old) = b {
+                    if departed.contains(old) {
+                        prop_assert!(a.is_none_or(|x| st.live.contains(&x)));
+                        prop_assert_ne!(a, b);
+                    }
+                }
+            }
+            if let Some(j) = joiner {
+                if st.s > s_before && st.live.len() == st.s as usize {
+                    let got = after.iter().filter(|o| **o == Some(j)).count();
+                    prop_assert_eq!(got, quota(st.s, j, TABLE_SHARDS));
+                }
+            }
+            before = after;
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(fixed_cases(24, 0x5EED_0002))]
+
+    /// With every slot live, each slot owns exactly its quota; the top slot's departure hands
+    /// each survivor exactly the shards it had given (an even spread, to one shard), and a
+    /// middle slot's departure spreads its shards over the survivors within the binomial bound
+    /// of `check_spread`. 65,536 shards.
+    #[test]
+    fn shard_table_quotas_and_even_spread(w in 2u32..=300, pick in any::<u32>()) {
+        let n = HASH_SHARDS;
+        let full = Assignment::new(w, 0..w).unwrap().shard_table(n).unwrap();
+        for b in 0..w {
+            prop_assert_eq!(full.shards_of(b).len(), quota(w, b, n));
+        }
+        for d in [w - 1, pick % (w - 1)] {
+            let after = Assignment::new(slot_count_after_leave(w, d), (0..w).filter(|&x| x != d))
+                .unwrap()
+                .shard_table(n)
+                .unwrap();
+            let mut received: BTreeMap<u32, usize> =
+                (0..w).filter(|&x| x != d).map(|x| (x, 0)).collect();
+            for c in 0..n {
+                let (b, a) = (full.owner(c).unwrap(), after.owner(c).unwrap());
+                if b == d {
+                    *received.get_mut(&a).unwrap() += 1;
+                } else {
+                    prop_assert_eq!(a, b, "a survivor's shard moved");
+                }
+            }
+            if d == w - 1 {
+                for (&b, &got) in &received {
+                    prop_assert_eq!(got, quota(w - 1, b, n) - quota(w, b, n));
+                }
+            } else {
+                check_spread(&received, (w - 1) as usize, quota(w, d, n))?;
+            }
+        }
+    }
+
+    /// Refilling a vacated slot restores the earlier table exactly.
+    #[test]
+    fn refilling_a_vacated_slot_restores_the_table(
+        (s, live) in view(1..=64, 8),
+        pick in any::<usize>(),
+    ) {
+        let d = live[pick % live.len()];
+        let live: BTreeSet<u32> = live.iter().copied().chain(0..d).collect();
+        let original = Assignment::new(s, live.iter().copied()).unwrap().shard_table(TABLE_SHARDS).unwrap();
+        let s1 = slot_count_after_leave(s, d);
+        let rest: Vec<u32> = live.iter().copied().filter(|&x| x != d).collect();
+        let (j, s2) = join_slot(s1, &rest);
+        prop_assert_eq!((j, s2), (d, s));
+        let refilled = Assignment::new(s2, rest.iter().copied().chain([j])).unwrap().shard_table(TABLE_SHARDS).unwrap();
+        prop_assert_eq!(refilled, original);
+    }
+
+    /// Balance with vacancies: a live slot owns its quota in `T_S` plus its share of the
+    /// vacant slots' shards, which re-probe uniformly: Binomial(v, 1/w) for v vacant shards.
+    /// Bound: ⌈n/S⌉ + v/w + 5·√(v/w) + 1 per slot.
+    #[test]
+    fn shard_table_balance_with_vacancies((s, live) in view(1..=200, 40)) {
+        let n = HASH_SHARDS;
+        let t = Assignment::new(s, live.iter().copied()).unwrap().shard_table(n).unwrap();
+        let w = live.len() as f64;
+        let vacant_shards: usize = (0..s).filter(|x| !live.contains(x)).map(|b| quota(s, b, n)).sum();
+        let extra = vacant_shards as f64 / w;
+        let bound = f64::from(n.div_ceil(s)) + extra + 5.0 * extra.sqrt() + 1.0;
+        let mut total = 0;
+        for &slot in &live {
+            let got = t.shards_of(slot).len();
+            total += got;
+            prop_assert!(got as f64 <= bound, "slot {} owns {} shards > {:.1} (S = {}, w = {})", slot, got, bound, s, w);
+        }
+        prop_assert_eq!(total, n as usize);
+    }
+}
+
+/// `count` item ids, fixed: version-4 UUIDs built from SplitMix64, like `gen_random_uuid()`.
+fn item_ids(count: u64) -> Vec<uuid::Uuid> {
+    (0..count)
+        .map(|i| {
+            let bytes =
+                ((u128::from(mix64(i)) << 64) | u128::from(mix64(i ^ hash::GOLDEN))).to_be_bytes();
+            uuid::Builder::from_random_bytes(bytes).into_uuid()
+        })
+        .collect()
+}
+
+/// max/mean, min/mean and the number of live slots without an item.
+fn spread(counts: &BTreeMap<u32, usize>, k: usize) -> (f64, f64, usize) {
+    let mean = k as f64 / counts.len() as f64;
+    let max = *counts.values().max().unwrap() as f64;
+    let min = *counts.values().min().unwrap() as f64;
+    let empty = counts.values().filter(|&&c| c == 0).count();
+    (max / mean, min / mean, empty)
+}
+
+/// Items per live slot along one path `owner_of(item index) -> slot`.
+fn item_counts(
+    a: &Assignment,
+    k: usize,
+    owner_of: impl Fn(usize) -> Option<u32>,
+) -> BTreeMap<u32, usize> {
+    let mut counts: BTreeMap<u32, usize> = a.live_slots().map(|s| (s, 0)).collect();
+    for i in 0..k {
+        *counts.get_mut(&owner_of(i).unwrap()).unwrap() += 1;
+    }
+    counts
+}
+
+/// The figures of issue 10, through the worker's own path: 100,000 item ids, each hashed to
+/// its stored 32-bit hash (`hash::uuid_hash`, the twin of `shardlease.uuid_hash`, proven by
+/// the vectors), owned through the table of 65,536 hash shards, beside the key-level figure
+/// (the item's 64-bit key hashed straight onto a slot) and the 1,024-shard path the worker used
+/// before (`shard_of_uuid` → `shard_owner`). Prints with `--nocapture`; asserts the goals:
+/// max/mean ≤ 1.05 at w = 16 and ≤ 1.12 at w = 64, no member without items at w = 1,000, the
+/// hash share that moves on a join or leave within 2 % of the ideal 1/(w+1) and 1/w, items
+/// moving only off the departed member or onto the joiner, and the I4 bound wherever the
+/// key-level path meets it.
+#[test]
+fn item_level_balance_and_movement_figures() {
+    const ITEMS: usize = 100_000;
+    let ids = item_ids(ITEMS as u64);
+    let keys: Vec<u64> = ids.iter().map(hash::uuid_key).collect();
+    let legacy: Vec<u32> = ids.iter().map(hash::shard_of_uuid).collect();
+    let hashes: Vec<i32> = ids.iter().map(hash::uuid_hash).collect();
+    println!(
+        "items = {ITEMS}; max/mean and min/mean of items per member, members without items; \
+         movement = share of items that changed owner (ideal 1/w on a leave, 1/(w+1) on a join)"
+    );
+    for w in [4u32, 16, 64, 256, 1000] {
+        let full = Assignment::new(w, 0..w).unwrap();
+        let t = full.shard_table(HASH_SHARDS).unwrap();
+        let key_level = spread(&item_counts(&full, ITEMS, |i| full.owner(keys[i])), ITEMS);
+        let old = spread(
+            &item_counts(&full, ITEMS, |i| full.shard_owner(legacy[i])),
+            ITEMS,
+        );
+        let new = spread(
+            &item_counts(&full, ITEMS, |i| t.hash_owner(hashes[i])),
+            ITEMS,
+        );
+
+        // Movement: a middle slot leaves, the top slot leaves, a member joins the full group.
+        let mid = w / 2;
+        let left_mid = Assignment::new(w, (0..w).filter(|&x| x != mid)).unwrap();
+        let left_top = Assignment::new(slot_count_after_leave(w, w - 1), 0..w - 1).unwrap();
+        let (j, s2) = join_slot(w, &(0..w).collect::<Vec<_>>());
+        let joined = Assignment::new(s2, (0..w).chain([j])).unwrap();
+        let mut line = Vec::new();
+        for (what, after, ideal, mover) in [
+            ("leave (mid)", &left_mid, 1.0 / f64::from(w), mid),
+            ("leave (top)", &left_top, 1.0 / f64::from(w), w - 1),
+            ("join", &joined, 1.0 / f64::from(w + 1), j),
+        ] {
+            let t2 = after.shard_table(HASH_SHARDS).unwrap();
+            let moved_items = hashes
+                .iter()
+                .filter(|&&h| {
+                    let (b, a) = (t.hash_owner(h), t2.hash_owner(h));
+                    if b != a {
+                        // Only the departed member's items move, or items onto the joiner.
+                        assert!(
+                            b == Some(mover) || a == Some(mover),
+                            "w={w} {what}: an item moved from {b:?} to {a:?}"
+                        );
+                    }
+                    b != a
+                })
+                .count() as f64
+                / ITEMS as f64;
+            let moved_shards = (0..HASH_SHARDS)
+                .filter(|&c| t.owner(c) != t2.owner(c))
+                .count() as f64
+                / f64::from(HASH_SHARDS);
+            let key_moved = keys
+                .iter()
+                .filter(|&&k| full.owner(k) != after.owner(k))
+                .count() as f64
+                / ITEMS as f64;
+            // The expected movement (the hash share that changes owner) is within 2 % of ideal.
+            assert!(
+                (moved_shards / ideal - 1.0).abs() <= 0.02,
+                "w={w} {what}: {moved_shards:.5} of the hash space moved, ideal {ideal:.5}"
+            );
+            // The items that move are one member's load: within the I4 sampling bound of it.
+            let sigma = (ideal * (1.0 - ideal) / ITEMS as f64).sqrt();
+            assert!(
+                (moved_items - ideal).abs() <= 5.0 * sigma,
+                "w={w} {what}: {moved_items:.5} of the items moved, ideal {ideal:.5}"
+            );
+            line.push(format!(
+                "{what}: items {moved_items:.5} (key-level {key_moved:.5}), hash share {moved_shards:.5}, ideal {ideal:.5}"
+            ));
+        }
+        println!(
+            "w={w:4}: max/mean (min/mean, empty): key-level {:.3} ({:.3}, {}) | 1,024 shards (before) {:.3} ({:.3}, {}) | \
+             hash table of 65,536 shards {:.3} ({:.3}, {}); ranges per member max {}; {}",
+            key_level.0, key_level.1, key_level.2, old.0, old.1, old.2, new.0, new.1, new.2,
+            (0..w).map(|s| t.hash_ranges(s).len()).max().unwrap(),
+            line.join("; ")
+        );
+        let i4 = 1.0 + 5.0 * (f64::from(w) / ITEMS as f64).sqrt();
+        assert!(
+            new.0 <= i4,
+            "w={w}: max/mean {:.4} above the I4 bound {i4:.4}",
+            new.0
+        );
+        match w {
+            16 => assert!(new.0 <= 1.05, "goal at 16 members: {:.4}", new.0),
+            64 => assert!(new.0 <= 1.12, "goal at 64 members: {:.4}", new.0),
+            1000 => assert_eq!(new.2, 0, "goal at 1,000 members: none without items"),
+            _ => {}
+        }
     }
 }
