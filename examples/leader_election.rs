@@ -1,21 +1,24 @@
-//! Leader election with shardlease.
+//! Leader election with shardlease's `Leader` API.
 //!
-//! Every process joins the same group; the member in the lowest live slot leads. When the
-//! leader leaves (SIGTERM) or crashes (kill -9), the survivors get a new view and the next
-//! lowest slot takes over: at once on a leave, within the crash-check interval on a crash.
+//! Every process joins the same group as a candidate; the longest-standing one leads. A
+//! process that restarts (or loses its lease and rejoins) comes back as the newest candidate
+//! and follows: it never takes the lead from a live leader.
 //!
-//! Slots are sticky and a joiner takes the lowest vacant one, so a member that restarts (or
-//! loses its lease and rejoins) into a lower slot than the current leader's takes the lead
-//! back. Pick the lowest incarnation instead if leadership should stay with the oldest member.
+//! When the leader leaves (SIGTERM: `resign()`), the next candidate leads at once. When it
+//! crashes (kill -9), its successor, which waits on the leader's lock, reaps it the instant
+//! its connection is gone: a few milliseconds. When it hangs, it reports `LOST` before its
+//! lease expires by the database clock, and its successor takes over when the lease has
+//! expired (about one TTL, 10 s by default).
 //!
-//! The leader proves its leadership with a fenced write every second: the insert commits only
-//! if the view it decided "I lead" from is still current. Two leaders can therefore never
-//! write under the same generation, even if one of them is slow to learn it was replaced.
+//! The leader proves its leadership with a leader transaction every second: the insert
+//! commits only if this process still leads the group, checked in the same message as the
+//! COMMIT. A deposed leader's write is refused, however late it learns it was deposed.
 //!
 //! ```text
 //! cargo run -p shardlease --example leader_election -- --member a   # in three terminals:
 //! cargo run -p shardlease --example leader_election -- --member b   # a leads; kill it and
 //! cargo run -p shardlease --example leader_election -- --member c   # b takes over
+//! psql -c 'SELECT * FROM shardlease.leaders'
 //! psql -c 'SELECT generation, leader, count(*) FROM leader_log GROUP BY 1, 2 ORDER BY 1'
 //! ```
 //!
@@ -29,11 +32,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use shardlease::tokio_postgres::Client;
-use shardlease::{Fence, Member, MemberConfig, MemberState, View};
+use shardlease::{Election, Leader, LeaderConfig, LeaderFence, Leadership};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
-#[command(about = "Leader election with shardlease: the lowest live slot leads")]
+#[command(about = "Leader election with shardlease: the longest-standing candidate leads")]
 struct Args {
     /// PostgreSQL URL.
     #[arg(
@@ -77,29 +80,31 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("creating leader_log")?;
 
-    let member = Member::join(&pg, MemberConfig::new(&args.group, &me)).await?;
-    let mut views = member.watch();
+    let leader = Leader::join(&pg, LeaderConfig::new(&args.group, &me)).await?;
+    let mut elections = leader.watch();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    print_role(&me, &views.borrow_and_update());
+    let mut printed = String::new();
+    print_role(&me, &elections.borrow_and_update(), &mut printed);
 
     loop {
         tokio::select! {
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
-            changed = views.changed() => {
+            changed = elections.changed() => {
                 if changed.is_err() {
-                    anyhow::bail!("the member stopped");
+                    anyhow::bail!("the candidate stopped");
                 }
-                print_role(&me, &views.borrow_and_update());
+                print_role(&me, &elections.borrow_and_update(), &mut printed);
             }
             _ = tick.tick() => {
-                let view = views.borrow().clone();
-                if leader_of(&view) != Some(&me) {
+                let election = elections.borrow().clone();
+                let Leadership::Leading { fence, .. } = &election.leadership else {
                     continue;
-                }
-                match write_as_leader(&mut client, &view.fence()?, &me).await {
-                    Ok(()) => println!("WROTE {me} generation={}", view.generation),
-                    // Our view is stale: we may no longer lead. The next view tells.
+                };
+                let generation = election.view.generation;
+                match write_as_leader(&mut client, fence, &me, generation).await {
+                    Ok(()) => println!("WROTE {me} generation={generation}"),
+                    // We no longer lead: the next election tells.
                     Err(e) if e.is_fenced() => println!("FENCED {me}: {e}"),
                     Err(e) if client.is_closed() => {
                         eprintln!("{me}: the work connection broke ({e}); reconnecting");
@@ -110,43 +115,43 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    member.leave().await?;
+    // Hand over at once: the next candidate leads as soon as our leave commits.
+    leader.resign().await?;
     println!("LEFT {me}");
     Ok(())
 }
 
-/// The leader of a view: the member in the lowest live slot (`members` is sorted by slot).
-/// A member that is not joined (lost its lease, rejoining) never considers itself leader.
-fn leader_of(view: &View) -> Option<&str> {
-    if !view.is_joined() {
-        return None;
-    }
-    view.members.first().map(|m| m.member_id.as_str())
-}
-
-fn print_role(me: &str, view: &View) {
-    let (generation, members) = (view.generation, view.members.len());
-    match leader_of(view) {
-        Some(leader) if leader == me => {
-            println!("LEADER {me} generation={generation} members={members}")
+/// Print the role line when it differs from the last one printed.
+fn print_role(me: &str, election: &Election, printed: &mut String) {
+    let (generation, members) = (election.view.generation, election.view.members.len());
+    let line = match &election.leadership {
+        Leadership::Leading { .. } => {
+            format!("LEADER {me} generation={generation} members={members}")
         }
-        Some(leader) => {
-            println!("FOLLOWER {me} (leader: {leader}) generation={generation} members={members}")
+        Leadership::Following { leader } => {
+            format!("FOLLOWER {me} (leader: {leader}) generation={generation} members={members}")
         }
-        None => match &view.state {
-            MemberState::Lost { reason } => println!("LOST {me}: {reason}"),
-            other => println!("LOST {me}: {other:?}"),
-        },
+        Leadership::Lost { reason } => format!("LOST {me}: {reason}"),
+        other => format!("LOST {me}: {other:?}"),
+    };
+    if line != *printed {
+        println!("{line}");
+        *printed = line;
     }
 }
 
-/// One fenced transaction: it commits only if `fence`'s generation is still current and our
-/// lease is live, so a deposed leader's write is refused with `Error::Fenced`.
-async fn write_as_leader(client: &mut Client, fence: &Fence, me: &str) -> shardlease::Result<()> {
+/// One leader transaction: it commits only if we still lead, so a deposed leader's write is
+/// refused with `Error::Fenced`.
+async fn write_as_leader(
+    client: &mut Client,
+    fence: &LeaderFence,
+    me: &str,
+    generation: u64,
+) -> shardlease::Result<()> {
     let tx = fence.begin(client).await?;
     tx.execute(
         "INSERT INTO leader_log (generation, leader) VALUES ($1, $2)",
-        &[&(fence.generation() as i64), &me],
+        &[&(generation as i64), &me],
     )
     .await?;
     tx.commit().await?;

@@ -12,7 +12,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::TestDb;
-use shardlease::hash::shard_of_uuid;
+use shardlease::hash::uuid_hash;
+use shardlease::shard_table::HASH_SHARDS;
 use shardlease::Assignment;
 
 /// Process start-up: connect, migrate, create the table, join.
@@ -356,10 +357,13 @@ async fn check_leader_log(db: &TestDb) -> Vec<(i64, String)> {
 }
 
 /// A leader that hangs (SIGSTOP) loses its lease after the TTL; the other member takes over;
-/// when the old leader resumes, it writes nothing under its old view before it has rejoined.
+/// when the old leader resumes, it writes nothing under its old view before it has rejoined,
+/// and it follows: it does not take the lead back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_election_fences_a_paused_leader() {
-    const TTL_TAKEOVER: Duration = Duration::from_secs(10); // the 5 s TTL, plus slack
+    // LeaderConfig's defaults: the lease expires 10 s (TTL) after the last renewal at most,
+    // and the successor's heartbeat (every 2 s) finds it expired; plus slack.
+    const TTL_TAKEOVER: Duration = Duration::from_secs(20);
     let bin = example_binary("leader_election");
     let started = Instant::now();
     let db = TestDb::empty().await;
@@ -383,9 +387,14 @@ async fn leader_election_fences_a_paused_leader() {
 
     procs[old].signal("CONT");
     let resumed_from = procs[old].seen.len();
-    // The resumed member finds its lease gone and rejoins, into the lowest vacant slot: its
-    // old slot 0, so it leads again (the lowest slot leads). Both agree on the new view.
+    // The resumed member finds its lease gone and rejoins as the newest candidate (into its
+    // old slot): it follows. Both agree on the new view.
     let leader = agreed_leader(&mut procs.iter_mut().collect::<Vec<_>>(), 2, SOON);
+    assert_eq!(
+        leader, new,
+        "the resumed old leader must not take the lead back: {:#?}",
+        procs[old].seen
+    );
     let after = procs[old].seen[resumed_from..].to_vec();
     assert!(
         !after.iter().any(|l| l.starts_with("WROTE ")),
@@ -407,6 +416,118 @@ async fn leader_election_fences_a_paused_leader() {
     eprintln!(
         "paused leader: {} fenced writes, resumed leader printed {after:?}, {:?} in all",
         log.len(),
+        started.elapsed()
+    );
+}
+
+/// How many times `p` began leading: LEADER lines that follow any other role line (or none)
+/// among the lines read from it so far.
+fn terms_begun(p: &Proc) -> usize {
+    let mut leading = false;
+    let mut terms = 0;
+    for line in &p.seen {
+        let role = if line.starts_with("LEADER ") {
+            true
+        } else if line.starts_with("FOLLOWER ") || line.starts_with("LOST ") {
+            false
+        } else {
+            continue;
+        };
+        if role && !leading {
+            terms += 1;
+        }
+        leading = role;
+    }
+    terms
+}
+
+/// Three candidates; the leader is killed with SIGKILL ten times, and each victim restarts
+/// under its old id. Every crash makes exactly one new leader, the longest-standing survivor,
+/// and the restarted member follows: no preemption, even though it gets its old slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_election_survives_ten_crashes_without_preemption() {
+    const CRASHES: usize = 10;
+    let bin = example_binary("leader_election");
+    let started = Instant::now();
+    let db = TestDb::empty().await;
+    // Started one after another, so that the order of seniority is known.
+    let mut procs: Vec<Proc> = Vec::new();
+    let mut seniority: std::collections::VecDeque<String> = Default::default();
+    for name in ["lk-a", "lk-b", "lk-c"] {
+        let mut p = Proc::spawn(&bin, &db, name, &[]);
+        if procs.len() < 2 {
+            // Joined: its first role line (the third's is read below, with the others').
+            p.wait_role(procs.len() + 1, STARTUP);
+        }
+        procs.push(p);
+        seniority.push_back(name.to_owned());
+    }
+    // Terms begun by processes killed since.
+    let mut dead_terms = 0;
+    let mut takeovers = Vec::new();
+    // Every leader in turn, as the survivors agreed on it.
+    let mut leaders: Vec<String> = vec![seniority[0].clone()];
+    let mut leader = agreed_leader(&mut procs.iter_mut().collect::<Vec<_>>(), 3, STARTUP);
+    assert_eq!(
+        procs[leader].name, seniority[0],
+        "the longest-standing candidate leads"
+    );
+    for crash in 1..=CRASHES {
+        wait_wrote(&mut procs[leader]);
+        let victim = procs.remove(leader);
+        dead_terms += terms_begun(&victim);
+        let name = seniority.pop_front().expect("three candidates");
+        let killed_at = Instant::now();
+        drop(victim); // SIGKILL, then reap the process
+        let next = agreed_leader(&mut procs.iter_mut().collect::<Vec<_>>(), 2, CRASH_TAKEOVER);
+        takeovers.push(killed_at.elapsed());
+        assert_eq!(
+            procs[next].name, seniority[0],
+            "crash {crash}: the next longest-standing candidate takes over"
+        );
+        leaders.push(procs[next].name.clone());
+        wait_wrote(&mut procs[next]);
+
+        // The victim comes back under its old id (and into its old slot): from its first
+        // role line on, it follows the leader that took over.
+        procs.push(Proc::spawn(&bin, &db, &name, &[]));
+        seniority.push_back(name);
+        leader = agreed_leader(&mut procs.iter_mut().collect::<Vec<_>>(), 3, STARTUP);
+        assert_eq!(
+            procs[leader].name, seniority[0],
+            "crash {crash}: the leader stays after the restart"
+        );
+        let terms = dead_terms + procs.iter().map(terms_begun).sum::<usize>();
+        assert_eq!(
+            terms,
+            1 + crash,
+            "crash {crash}: one new leadership per crash, none for a restart"
+        );
+    }
+    // The log agrees: each leader's writes, then its successor's, in the order they led.
+    let log = check_leader_log(&db).await;
+    let mut runs: Vec<&str> = log.iter().map(|(_, l)| l.as_str()).collect();
+    runs.dedup();
+    assert_eq!(
+        runs, leaders,
+        "leader_log: one run of writes per leadership"
+    );
+    for p in &mut procs {
+        p.signal("TERM");
+        let status = p.wait_exit("after SIGTERM", SOON);
+        assert!(
+            status.success(),
+            "{} exits 0 after SIGTERM, got {status}",
+            p.name
+        );
+    }
+    takeovers.sort();
+    eprintln!(
+        "{CRASHES} crashes of the leader: take-over (kill -9 -> both survivors agree) min {:?}, median {:?}, max {:?}; {} leadership runs in leader_log; {:?} in all",
+        takeovers[0],
+        takeovers[takeovers.len() / 2],
+        takeovers[takeovers.len() - 1],
+        runs.len(),
         started.elapsed()
     );
 }
@@ -482,36 +603,49 @@ async fn sharding_processes_every_row_once_by_its_owner() {
         3,
         "the view of generation {generation} has three members"
     );
-    let assignment = Assignment::new(slot_count, live).expect("a valid view");
+    let table = Assignment::new(slot_count, live)
+        .expect("a valid view")
+        .shard_table(HASH_SHARDS)
+        .unwrap();
 
     let client = db.client().await;
     let rows = client
-        .query("SELECT id, shard, processed_by FROM orders", &[])
+        .query("SELECT id, key_hash, processed_by FROM orders", &[])
         .await
         .expect("read orders");
     assert_eq!(rows.len() as i64, ROWS);
-    let mut shards_of: BTreeMap<String, BTreeSet<i32>> = BTreeMap::new();
+    let mut shards_of: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
     let mut counts: BTreeMap<String, i64> = BTreeMap::new();
     for row in &rows {
         let id: uuid::Uuid = row.get(0);
-        let shard: i32 = row.get(1);
+        let key_hash: i32 = row.get(1);
         let by: Option<String> = row.get(2);
         let by = by.unwrap_or_else(|| panic!("order {id} was not processed"));
         assert_eq!(
-            shard as u32,
-            shard_of_uuid(&id),
-            "SQL and Rust agree on the shard of {id}"
+            key_hash,
+            uuid_hash(&id),
+            "SQL and Rust agree on the stored hash of {id}"
         );
-        let owner = assignment.shard_owner(shard as u32);
+        let shard = table.shard_of_hash(key_hash);
         assert_eq!(
-            owner,
+            table.owner(shard),
             Some(slot_of[&by]),
-            "order {id} (shard {shard}) was processed by {by} in slot {}, not by its owner",
+            "order {id} (hash shard {shard}) was processed by {by} in slot {}, not by its owner",
             slot_of[&by]
         );
         shards_of.entry(by.clone()).or_default().insert(shard);
         *counts.entry(by).or_default() += 1;
     }
+    // The table is on its stored hash for good: column, trigger, index, validated.
+    let ready: bool = client
+        .query_one(
+            "SELECT ready FROM shardlease.key_hash_status('orders')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ready);
     // Exactly once: the rows each member reports it updated add up to what the table says.
     assert_eq!(
         reported, counts,
@@ -522,7 +656,7 @@ async fn sharding_processes_every_row_once_by_its_owner() {
         3,
         "every member processed its share: {counts:?}"
     );
-    let all: Vec<&BTreeSet<i32>> = shards_of.values().collect();
+    let all: Vec<&BTreeSet<u32>> = shards_of.values().collect();
     for (i, a) in all.iter().enumerate() {
         for b in &all[i + 1..] {
             assert!(a.is_disjoint(b), "members' shard sets are disjoint");
