@@ -5,21 +5,31 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// The server when `--database-url`/`DATABASE_URL` is unset.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
 /// shardlease-worker: split public.work_items between workers that share one PostgreSQL.
 #[derive(Debug, Parser)]
 #[command(name = "shardlease-worker", version, about, long_about = None)]
 pub struct Cli {
     /// PostgreSQL URL (postgres://user:password@host:port/database); TLS with
-    /// ?sslmode=require, verify-ca or verify-full, and &sslrootcert=<CA PEM file>.
+    /// ?sslmode=require, verify-ca or verify-full, and &sslrootcert=<CA PEM file>; a client
+    /// certificate with &sslcert=<PEM>&sslkey=<PEM> (and &sslpassword= for an encrypted key).
+    /// [default: postgres://postgres@127.0.0.1:5432/postgres; for `demo`, when nothing
+    /// answers there, a throwaway PostgreSQL from the local installation]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    pub database_url: Option<String>,
+
+    /// The URL used when --database-url is unset. Hidden: it lets tests point the default
+    /// at an address where nothing answers, without stopping the server there.
     #[arg(
         long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
-        hide_env_values = true,
-        hide_default_value = false,
+        env = "SHARDLEASE_DEFAULT_DATABASE_URL",
+        default_value = DEFAULT_DATABASE_URL,
+        hide = true,
         global = true
     )]
-    pub database_url: String,
+    pub default_database_url: String,
 
     /// Log format on stderr.
     #[arg(long, env = "SHARDLEASE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -28,6 +38,22 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// `--database-url` when given (and not empty), else the default.
+    pub fn database_url(&self) -> &str {
+        self.explicit_database_url()
+            .unwrap_or(&self.default_database_url)
+    }
+
+    /// `--database-url` (`DATABASE_URL`) when given and not empty.
+    pub fn explicit_database_url(&self) -> Option<&str> {
+        self.database_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+    }
 }
 
 /// Log output format.
@@ -42,16 +68,51 @@ pub enum LogFormat {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Apply all migrations (the shardlease schema and work_items) and exit. Idempotent.
-    Migrate,
+    /// Apply all migrations (the shardlease schema and work_items) and exit; then, given
+    /// --member-role or --inspector-role, grant them as `grant` does. Idempotent.
+    Migrate(RoleArgs),
+    /// Grant least-privilege roles, as the owner of the schemas (who ran `migrate`):
+    /// members may join, heartbeat, leave, reap and tick work_items; inspectors may only read
+    /// the views, work_items and status; neither may create, alter or drop anything, nor
+    /// evict anyone. Idempotent.
+    Grant(RoleArgs),
     /// Insert N new items into public.work_items.
     Seed(SeedArgs),
     /// Print the group's generation and members, with their shard and item counts.
     Status(GroupArgs),
     /// Join the group and tick the owned slice of work_items until SIGTERM or SIGINT.
     Run(RunArgs),
-    /// Migrate, seed 12 demo items and run 3 workers in-process; then remove one and add one.
+    /// Migrate, seed 60 demo items and run 3 workers in-process; then remove one and add one.
+    /// With DATABASE_URL unset and nothing answering at 127.0.0.1:5432, it runs on a
+    /// throwaway PostgreSQL started from the local installation (removed at exit).
     Demo(DemoArgs),
+}
+
+/// The roles of `grant` (and `migrate`): existing roles, neither a superuser nor the owner.
+#[derive(Debug, Clone, Args)]
+pub struct RoleArgs {
+    /// The workers' role: may join, heartbeat, leave, reap and tick (UPDATE) work_items.
+    #[arg(long, env = "SHARDLEASE_MEMBER_ROLE")]
+    pub member_role: Option<String>,
+
+    /// A read-only role for psql users and dashboards: the views, work_items and `status`.
+    #[arg(long, env = "SHARDLEASE_INSPECTOR_ROLE")]
+    pub inspector_role: Option<String>,
+}
+
+impl RoleArgs {
+    /// The roles to grant, with their kinds (empty names are ignored).
+    pub fn roles(&self) -> Vec<(&str, shardlease::roles::RoleKind)> {
+        use shardlease::roles::RoleKind;
+        [
+            (self.member_role.as_deref(), RoleKind::Member),
+            (self.inspector_role.as_deref(), RoleKind::Inspector),
+        ]
+        .into_iter()
+        .filter_map(|(name, kind)| Some((name?.trim(), kind)))
+        .filter(|(name, _)| !name.is_empty())
+        .collect()
+    }
 }
 
 /// `seed` arguments.
@@ -140,18 +201,21 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 impl Timing {
     /// Check the relations between the values (each is positive already).
     pub fn validate(&self) -> Result<(), String> {
-        if self.lease_ttl <= self.heartbeat * 2 {
+        // The rules that relate heartbeat, TTL and crash check are the library's: one source.
+        let member = shardlease::MemberConfig::new("flags", "flags")
+            .heartbeat(self.heartbeat)
+            .lease_ttl(self.lease_ttl)
+            .crash_check(self.crash_check);
+        if let Err(e) = member.validate() {
+            let detail = match e {
+                shardlease::Error::Config(detail) => detail,
+                e => e.to_string(),
+            };
             return Err(format!(
-                "--lease-ttl ({}) must be more than twice --heartbeat ({})",
+                "{detail} (--heartbeat {}, --lease-ttl {}, --crash-check {})",
+                humantime::format_duration(self.heartbeat),
                 humantime::format_duration(self.lease_ttl),
-                humantime::format_duration(self.heartbeat)
-            ));
-        }
-        if self.crash_check > self.heartbeat {
-            return Err(format!(
-                "--crash-check ({}) must not exceed --heartbeat ({})",
-                humantime::format_duration(self.crash_check),
-                humantime::format_duration(self.heartbeat)
+                humantime::format_duration(self.crash_check)
             ));
         }
         if self.tick < Duration::from_millis(10) {

@@ -10,7 +10,7 @@ use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-use crate::worker::{is_ready, Readiness};
+use crate::worker::Readiness;
 
 #[derive(Clone)]
 struct AppState {
@@ -59,7 +59,7 @@ pub async fn serve(
 }
 
 async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
-    if is_ready(&s.ready) {
+    if *s.ready.borrow() {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not joined\n")

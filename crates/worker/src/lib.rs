@@ -4,6 +4,7 @@
 pub mod cli;
 pub mod db;
 pub mod demo;
+pub mod first_run;
 pub mod http;
 pub mod items;
 pub mod printer;

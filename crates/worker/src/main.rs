@@ -9,8 +9,12 @@ use shardlease::MemberConfig;
 use tokio_util::sync::CancellationToken;
 
 use shardlease_worker::cli::{self, Cli, Command, LogFormat};
+use shardlease_worker::first_run::{self, NoPostgres};
 use shardlease_worker::items::Items;
 use shardlease_worker::{db, demo, http, printer, status, worker};
+
+/// The exit status after SIGINT, as shells report a process ended by it (128 + 2).
+const EXIT_INTERRUPTED: u8 = 130;
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -30,12 +34,32 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    if let Command::Grant(roles) = &cli.command {
+        if roles.roles().is_empty() {
+            eprintln!("error: grant needs --member-role, --inspector-role or both");
+            return ExitCode::from(2);
+        }
+    }
+    // The demo tells its story on stdout: only warnings on stderr unless RUST_LOG asks.
+    let default_level = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log_format, default_level);
+    // `run` on one thread: a worker's tasks (its session, its ticks, its HTTP endpoints) wait
+    // on the database almost all the time, and a second thread only adds wake-ups between
+    // threads (hundreds of workers share a machine with their PostgreSQL).
+    let runtime = match cli.command {
+        Command::Run(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(2);
+            b
+        }
+    }
+    .enable_all()
+    .build();
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -44,6 +68,15 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(dispatch(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<demo::Interrupted>() => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_INTERRUPTED)
+        }
+        // Several lines: the install command per platform.
+        Err(e) if e.is::<NoPostgres>() => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
@@ -67,9 +100,9 @@ fn one_line(e: &anyhow::Error) -> String {
     out
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -81,9 +114,11 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn dispatch(cli: Cli) -> Result<()> {
-    let url = cli.database_url;
+    let url = cli.database_url().to_owned();
+    let explicit_url = cli.explicit_database_url().map(str::to_owned);
+    let default_url = cli.default_database_url;
     match cli.command {
-        Command::Migrate => {
+        Command::Migrate(roles) => {
             let (pg, mut client) = db::connect(&url, "shardlease-worker migrate").await?;
             let applied = db::migrate(&mut client).await?;
             if applied.is_empty() {
@@ -95,7 +130,14 @@ async fn dispatch(cli: Cli) -> Result<()> {
                     applied.join(", ")
                 );
             }
+            if !roles.roles().is_empty() {
+                grant(&pg, &mut client, &roles).await?;
+            }
             Ok(())
+        }
+        Command::Grant(roles) => {
+            let (pg, mut client) = db::connect(&url, "shardlease-worker grant").await?;
+            grant(&pg, &mut client, &roles).await
         }
         Command::Seed(args) => {
             let (_, client) = db::connect(&url, "shardlease-worker seed").await?;
@@ -122,11 +164,47 @@ async fn dispatch(cli: Cli) -> Result<()> {
         }
         Command::Run(args) => run(&url, args).await,
         Command::Demo(args) => {
-            let (pg, mut client) = db::connect(&url, "shardlease-worker demo").await?;
-            db::migrate(&mut client).await?;
-            demo::run(&pg, &client, args.tick).await
+            // Handlers first: from here on, SIGINT and SIGTERM end the demo in order (its
+            // workers leave, then the throwaway server, if any, is removed).
+            let interrupted = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(interrupted.clone())?);
+            let target =
+                first_run::demo_target(explicit_url.as_deref(), &default_url, &interrupted).await?;
+            let inspect = target.throwaway.is_none();
+            let result = async {
+                let pg = &target.config;
+                let mut client = shardlease::connect_client(pg, "shardlease-worker demo").await?;
+                db::migrate(&mut client).await?;
+                demo::run(pg, &client, args.tick, &interrupted, inspect).await
+            }
+            .await;
+            target.finish().await;
+            result
         }
     }
+}
+
+/// Grant the roles and print every privilege each one got, and the warnings.
+async fn grant(
+    pg: &shardlease::DbConfig,
+    client: &mut shardlease::tokio_postgres::Client,
+    roles: &cli::RoleArgs,
+) -> Result<()> {
+    for g in db::grant(client, &roles.roles()).await? {
+        println!(
+            "{}: {} role {} may now, and may only:",
+            shardlease::describe_target(pg),
+            g.kind,
+            g.role
+        );
+        for p in &g.privileges {
+            println!("  {p}");
+        }
+        for w in &g.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
+    Ok(())
 }
 
 async fn run(url: &str, args: cli::RunArgs) -> Result<()> {
@@ -177,10 +255,10 @@ async fn run(url: &str, args: cli::RunArgs) -> Result<()> {
     }
 
     let shutdown = CancellationToken::new();
-    let ready = worker::Readiness::default();
+    let (ready_tx, ready) = worker::readiness();
     let metrics = http::install_metrics()?;
     http::serve(args.http_addr, ready.clone(), metrics, shutdown.clone()).await?;
-    tokio::spawn(signals(shutdown.clone()));
+    tokio::spawn(cancel_on_signal(shutdown.clone())?);
     tracing::info!(
         member = %member_id,
         database = %shardlease::describe_target(&pg),
@@ -195,24 +273,24 @@ async fn run(url: &str, args: cli::RunArgs) -> Result<()> {
         items: Items::work_items(),
         print: Some(printer::Printer::new(args.print_all_ids)),
     };
-    worker::run(cfg, shutdown, ready).await
+    worker::run(cfg, shutdown, ready_tx).await
 }
 
-/// Cancel `shutdown` on SIGTERM or SIGINT.
-async fn signals(shutdown: CancellationToken) {
+/// Handle SIGTERM and SIGINT from now on (the handlers are installed before this returns);
+/// the returned future cancels `shutdown` at the first of them.
+fn cancel_on_signal(
+    shutdown: CancellationToken,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: leaving the group"),
-        _ = int.recv() => tracing::info!("SIGINT: leaving the group"),
-    }
-    shutdown.cancel();
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: leaving the group"),
+            _ = int.recv() => tracing::info!("SIGINT: leaving the group"),
+        }
+        shutdown.cancel();
+    })
 }
 
 fn hostname() -> Option<String> {

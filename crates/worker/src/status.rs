@@ -1,9 +1,10 @@
-//! `status`: the group's generation and members, with shard and item counts per member.
+//! `status`: the group's generation and members, with hash shard and item counts per member
+//! (from the balanced shard table of the group's view, as the workers compute it).
 
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use shardlease::hash::SHARDS;
+use shardlease::shard_table::HASH_SHARDS;
 use shardlease::tokio_postgres::Client;
 use shardlease::Assignment;
 
@@ -13,7 +14,7 @@ use crate::items::Items;
 pub async fn render(client: &Client, group: &str, items: &Items) -> Result<String> {
     let Some(g) = client
         .query_opt(
-            "SELECT generation, slot_count FROM shardlease.groups WHERE name = $1",
+            "SELECT generation, slot_count FROM shardlease.group_status WHERE group_name = $1",
             &[&group],
         )
         .await?
@@ -35,26 +36,28 @@ pub async fn render(client: &Client, group: &str, items: &Items) -> Result<Strin
         slot_count,
         members.iter().map(|m| m.get::<_, i32>(1) as u32),
     )?;
+    let table = assignment.shard_table(HASH_SHARDS)?;
     let mut shards: BTreeMap<u32, usize> = BTreeMap::new();
     let mut item_counts: BTreeMap<u32, i64> = BTreeMap::new();
-    for shard in 0..SHARDS {
-        if let Some(slot) = assignment.shard_owner(shard) {
+    for shard in 0..HASH_SHARDS {
+        if let Some(slot) = table.owner(shard) {
             *shards.entry(slot).or_default() += 1;
         }
     }
     let mut total = 0;
     let mut unowned = 0;
-    for (shard, n) in items.counts_per_shard(client).await? {
+    for (shard, n) in items.counts_per_hash_shard(client, HASH_SHARDS).await? {
         total += n;
-        match assignment.shard_owner(shard) {
+        match table.owner(shard) {
             Some(slot) => *item_counts.entry(slot).or_default() += n,
             None => unowned += n,
         }
     }
     let alive = members.iter().filter(|m| m.get::<_, bool>(2)).count();
     let mut out = format!(
-        "group {group}: generation {generation}, slot count {slot_count}, {} members ({alive} alive), {total} items in {SHARDS} shards\n",
-        members.len()
+        "group {group}: generation {generation}, slot count {slot_count}, {} members ({alive} alive), {total} items in {HASH_SHARDS} hash shards{}\n",
+        members.len(),
+        balance(&item_counts, members.len(), total),
     );
     let width = members
         .iter()
@@ -85,4 +88,15 @@ pub async fn render(client: &Client, group: &str, items: &Items) -> Result<Strin
         ));
     }
     Ok(out)
+}
+
+/// ", items per member max/mean 1.023" (nothing when there is no member or no item).
+fn balance(items: &BTreeMap<u32, i64>, members: usize, total: i64) -> String {
+    match items.values().max() {
+        Some(&max) if total > 0 && members > 0 => {
+            let mean = total as f64 / members as f64;
+            format!(", items per member max/mean {:.3}", max as f64 / mean)
+        }
+        _ => String::new(),
+    }
 }

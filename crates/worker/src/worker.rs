@@ -1,16 +1,16 @@
-//! One worker: join the group, tick the owned shards at a fixed rate in fenced
-//! transactions, print the watched ids every second, leave on shutdown.
+//! One worker: join the group, tick the owned hash shards (the balanced shard table of the
+//! view, as ranges of `work_items.key_hash`) at a fixed rate in fenced transactions, print
+//! the watched ids every second, leave on shutdown.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use backon::{ExponentialBuilder, Retryable};
-use shardlease::hash::SHARDS;
+use shardlease::shard_table::{HashRanges, HASH_SHARDS};
 use shardlease::tokio_postgres::Client;
 use shardlease::DbConfig;
-use shardlease::{Member, MemberConfig, View};
+use shardlease::{Assignment, Member, MemberConfig, View};
 use tokio::sync::watch;
 use tokio::time::{interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -37,15 +37,33 @@ pub struct WorkerConfig {
     pub print: Option<Printer>,
 }
 
-/// The member's view, once joined, for /readyz.
-pub type Readiness = Arc<Mutex<Option<watch::Receiver<View>>>>;
+/// Whether the worker is joined with a live lease, for /readyz.
+pub type Readiness = watch::Receiver<bool>;
 
-/// True when the worker is joined with a valid lease.
-pub fn is_ready(r: &Readiness) -> bool {
-    r.lock()
-        .ok()
-        .and_then(|g| g.as_ref().map(|v| v.borrow().is_joined()))
-        .unwrap_or(false)
+/// A readiness channel, not ready: [`run`] sends on it, the HTTP server reads it.
+pub fn readiness() -> (watch::Sender<bool>, Readiness) {
+    watch::channel(false)
+}
+
+/// Keep `ready` in step with the member's state (joined or not) until `stop`, then say
+/// "not ready": a task of its own, so that /readyz follows a lost lease at once, even while
+/// a tick runs.
+fn follow_readiness(
+    mut views: watch::Receiver<View>,
+    ready: watch::Sender<bool>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let joined = views.borrow_and_update().is_joined();
+            ready.send_if_modified(|r| std::mem::replace(r, joined) != joined);
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                changed = views.changed() => if changed.is_err() { break },
+            }
+        }
+        ready.send_replace(false);
+    })
 }
 
 /// Run until `shutdown`, then leave the group. Transient failures (database unreachable,
@@ -53,14 +71,15 @@ pub fn is_ready(r: &Readiness) -> bool {
 pub async fn run(
     mut cfg: WorkerConfig,
     shutdown: CancellationToken,
-    ready: Readiness,
+    ready: watch::Sender<bool>,
 ) -> Result<()> {
     let member_id = cfg.member.member_id.clone();
     let Some(member) = until_shutdown(&shutdown, join(&cfg)).await else {
         return Ok(());
     };
     let member = member?;
-    *ready.lock().expect("readiness lock") = Some(member.watch());
+    let stop_readiness = shutdown.child_token();
+    let readiness = follow_readiness(member.watch(), ready, stop_readiness.clone());
     let mut work: Option<Client> = None;
     let mut state = TickState::default();
     let mut views = member.watch();
@@ -71,10 +90,14 @@ pub async fn run(
     // Shards gained by a view change get a catch-up tick at once, and one more half a tick
     // later for the items their previous owner ticked too recently: so that an item never
     // waits for this worker's next regular tick (at most 1.5 ticks across a hand-off).
-    let mut follow_up: Option<(tokio::time::Instant, Vec<i32>)> = None;
+    let mut follow_up: Option<(tokio::time::Instant, Vec<u32>)> = None;
     // Only the view-change branch adopts views (and so knows what was gained); start from
     // the view we joined with.
     state.adopt(&member.view(), member.member_id());
+    let mut adopted_at = tokio::time::Instant::now();
+    // A view change that comes within ADOPT_GAP of the last adoption waits for the gap to end
+    // (`adopt_at`), together with any that follow it.
+    let mut adopt_at: Option<tokio::time::Instant> = None;
     loop {
         let follow_up_at = follow_up.as_ref().map(|(at, _)| *at);
         tokio::select! {
@@ -83,17 +106,18 @@ pub async fn run(
             changed = views.changed() => {
                 if changed.is_err() { break }
                 state.view_changed_at = Some(Instant::now());
-                let gained = state.adopt(&member.view(), member.member_id());
-                if !gained.is_empty() {
-                    // Every tick gives way to shutdown: a tick stuck behind a storm of
-                    // membership changes must not delay the leave (its transaction rolls back).
-                    let Some(caught_up) = until_shutdown(&shutdown, tick(&cfg, &member, &mut work, &mut state, Some(&gained))).await else { break };
-                    // Some gained items were ticked by their previous owner too recently:
-                    // tick them once they are due.
-                    if caught_up.is_none_or(|r| r.incremented < r.watched) {
-                        follow_up = Some((tokio::time::Instant::now() + cfg.tick / 2, gained));
-                    }
+                let due = adopted_at + ADOPT_GAP;
+                if tokio::time::Instant::now() < due {
+                    adopt_at.get_or_insert(due);
+                    continue;
                 }
+                adopted_at = tokio::time::Instant::now();
+                if !adopt(&cfg, &member, &mut work, &mut state, &mut follow_up, &shutdown).await { break }
+            }
+            _ = async { tokio::time::sleep_until(adopt_at.expect("guarded")).await }, if adopt_at.is_some() => {
+                adopt_at = None;
+                adopted_at = tokio::time::Instant::now();
+                if !adopt(&cfg, &member, &mut work, &mut state, &mut follow_up, &shutdown).await { break }
             }
             _ = async { tokio::time::sleep_until(follow_up_at.expect("guarded")).await }, if follow_up_at.is_some() => {
                 let (_, gained) = follow_up.take().expect("guarded");
@@ -112,7 +136,9 @@ pub async fn run(
             }
         }
     }
-    *ready.lock().expect("readiness lock") = None;
+    // Not ready from here on: the leave follows.
+    stop_readiness.cancel();
+    let _ = readiness.await;
     // Leave promptly so that the others take over at once; the lease would expire anyway.
     match tokio::time::timeout(Duration::from_millis(1500), member.leave()).await {
         Ok(Ok(())) => tracing::info!(member = %member_id, "left the group"),
@@ -122,6 +148,43 @@ pub async fn run(
         Err(_) => tracing::warn!(member = %member_id, "leave timed out; the lease will be reaped"),
     }
     Ok(())
+}
+
+/// The least time between two adoptions of a new view. A burst of membership changes (a
+/// cold start of hundreds of workers, a whole group rejoining after a restart) announces many
+/// views a second; each adoption computes this member's shards, so the worker takes the first
+/// view of a burst at once and then at most one every gap, the newest. Ticks always run on the
+/// newest view (its fence), whatever was adopted last.
+const ADOPT_GAP: Duration = Duration::from_millis(100);
+
+/// Adopt the member's current view: shards it gained get a catch-up tick at once, and a
+/// follow-up half a tick later for items their previous owner ticked too recently. False
+/// when shutdown came first.
+async fn adopt(
+    cfg: &WorkerConfig,
+    member: &Member,
+    work: &mut Option<Client>,
+    state: &mut TickState,
+    follow_up: &mut Option<(tokio::time::Instant, Vec<u32>)>,
+    shutdown: &CancellationToken,
+) -> bool {
+    let gained = state.adopt(&member.view(), member.member_id());
+    if gained.is_empty() {
+        return true;
+    }
+    // Every tick gives way to shutdown: a tick stuck behind a storm of membership changes
+    // must not delay the leave (its transaction rolls back).
+    let Some(caught_up) =
+        until_shutdown(shutdown, tick(cfg, member, work, state, Some(&gained))).await
+    else {
+        return false;
+    };
+    // Some gained items were ticked by their previous owner too recently: tick them once
+    // they are due.
+    if caught_up.is_none_or(|r| r.incremented < r.watched) {
+        *follow_up = Some((tokio::time::Instant::now() + cfg.tick / 2, gained));
+    }
+    true
 }
 
 async fn until_shutdown<T>(
@@ -156,7 +219,9 @@ async fn join(cfg: &WorkerConfig) -> Result<Member> {
 
 #[derive(Debug, Default)]
 struct TickState {
-    shards: Vec<i32>,
+    /// The hash shards adopted last (ascending).
+    shards: Vec<u32>,
+    ownership: Ownership,
     last: TickResult,
     last_generation: Option<u64>,
     view_changed_at: Option<Instant>,
@@ -171,28 +236,58 @@ struct Ticked {
     watched: usize,
 }
 
-/// The shards `view` gives this member, when joined.
-fn owned_shards(view: &View) -> Option<Vec<i32>> {
-    let slot = view.my_slot()?;
-    Some(
-        view.assignment()
-            .shards_of(slot, SHARDS)
-            .into_iter()
-            .map(|s| s as i32)
-            .collect(),
-    )
+/// This member's hash shards, from the balanced shard table of the view's assignment:
+/// computed once per membership change (a few milliseconds at 65,536 shards), not per tick.
+#[derive(Debug, Default)]
+struct Ownership {
+    /// The assignment and slot `shards` was computed for.
+    key: Option<(Assignment, u32)>,
+    shards: Vec<u32>,
+    /// `shards` as hash ranges, for the tick's statement.
+    ranges: HashRanges,
+}
+
+impl Ownership {
+    /// The hash shards `view` gives this member (ascending), and their ranges, when joined.
+    fn of(&mut self, view: &View) -> Option<(&[u32], &HashRanges)> {
+        let slot = view.my_slot()?;
+        let assignment = view.assignment();
+        if self.key.as_ref() != Some(&(assignment.clone(), slot)) {
+            let table = assignment
+                .shard_table(HASH_SHARDS)
+                .expect("HASH_SHARDS is a valid shard count");
+            self.shards = table.shards_of(slot);
+            self.ranges = HashRanges::of_shards(&self.shards, HASH_SHARDS);
+            self.key = Some((assignment, slot));
+        }
+        Some((&self.shards, &self.ranges))
+    }
 }
 
 impl TickState {
     /// Take the owned shards of `view` as current; returns the shards gained.
-    fn adopt(&mut self, view: &View, member_id: &str) -> Vec<i32> {
-        let Some(shards) = owned_shards(view) else {
-            return Vec::new();
-        };
-        if shards == self.shards {
-            return Vec::new();
+    fn adopt(&mut self, view: &View, member_id: &str) -> Vec<u32> {
+        let owned = self.ownership.of(view).map(|(s, _)| s.to_vec());
+        let (gained, lost) = self.take(owned);
+        if gained.is_empty() && lost == 0 {
+            return gained;
         }
-        let gained: Vec<i32> = shards
+        tracing::info!(member = %member_id, generation = view.generation, slot = ?view.my_slot(), shards = self.shards.len(), gained = gained.len(), lost, "assignment changed");
+        metrics::counter!("shardlease_worker_rebalances_total").increment(1);
+        metrics::gauge!("shardlease_worker_owned_shards").set(self.shards.len() as f64);
+        gained
+    }
+
+    /// Take `shards` as the owned ones (`None`: not joined, so none); returns the shards
+    /// gained and how many were lost. A member that is not joined owns nothing, so that
+    /// the shards a rejoin brings back, even to the same slot, count as gained and get
+    /// their catch-up tick at once.
+    fn take(&mut self, shards: Option<Vec<u32>>) -> (Vec<u32>, usize) {
+        let shards = shards.unwrap_or_default();
+        if shards == self.shards {
+            return (Vec::new(), 0);
+        }
+        let gained: Vec<u32> = shards
             .iter()
             .filter(|s| self.shards.binary_search(s).is_err())
             .copied()
@@ -202,11 +297,8 @@ impl TickState {
             .iter()
             .filter(|s| shards.binary_search(s).is_err())
             .count();
-        tracing::info!(member = %member_id, generation = view.generation, slot = ?view.my_slot(), shards = shards.len(), gained = gained.len(), lost, "assignment changed");
-        metrics::counter!("shardlease_worker_rebalances_total").increment(1);
-        metrics::gauge!("shardlease_worker_owned_shards").set(shards.len() as f64);
         self.shards = shards;
-        gained
+        (gained, lost)
     }
 }
 
@@ -219,7 +311,7 @@ async fn tick(
     member: &Member,
     work: &mut Option<Client>,
     state: &mut TickState,
-    only: Option<&[i32]>,
+    only: Option<&[u32]>,
 ) -> Option<Ticked> {
     let member_id = member.member_id();
     for _attempt in 0..3 {
@@ -231,74 +323,22 @@ async fn tick(
         };
         // The shards of the very view the fence checks; a newer view than the one adopted
         // is pending in the watch channel, and the loop adopts it next.
-        let owned = owned_shards(&view).unwrap_or_default();
-        let shards: Vec<i32> = match only {
-            None => owned,
-            Some(subset) => subset
-                .iter()
-                .filter(|s| owned.binary_search(s).is_ok())
-                .copied()
-                .collect(),
-        };
-        if shards.is_empty() && only.is_some() {
+        let (owned, all) = state.ownership.of(&view)?;
+        let Some(ranges) = ranges_to_tick(owned, all, only) else {
             return Some(Ticked::default());
-        }
-        let client = match work {
-            Some(c) if !c.is_closed() => c,
-            _ => match shardlease::connect_client(
-                &cfg.work_pg,
-                &format!("shardlease-worker {member_id} work"),
-            )
-            .await
-            {
-                Ok(c) => {
-                    metrics::counter!("shardlease_worker_reconnects_total").increment(1);
-                    work.insert(c)
-                }
-                Err(e) => {
-                    tracing::warn!(member = %member_id, error = %e, "work connection unavailable; skipping this tick");
-                    metrics::counter!("shardlease_worker_ticks_total", "outcome" => "error")
-                        .increment(1);
-                    return None;
-                }
-            },
         };
+        let client = work_connection(cfg, member_id, work).await?;
         let started = Instant::now();
         match cfg
             .items
-            .tick(client, &fence, member_id, &shards, cfg.tick / 2)
+            .tick(client, &fence, member_id, &ranges, cfg.tick / 2)
             .await
         {
-            Ok(result) => {
-                metrics::histogram!("shardlease_worker_tick_duration_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                metrics::counter!("shardlease_worker_ticks_total", "outcome" => "ok").increment(1);
-                metrics::counter!("shardlease_worker_increments_total")
-                    .increment(result.incremented as u64);
-                if state.last_generation != Some(view.generation) && result.incremented > 0 {
-                    if let (Some(_), Some(at)) =
-                        (state.last_generation, state.view_changed_at.take())
-                    {
-                        metrics::histogram!("shardlease_worker_takeover_seconds")
-                            .record(at.elapsed().as_secs_f64());
-                    }
-                    state.last_generation = Some(view.generation);
-                }
-                let ticked = Ticked {
-                    incremented: result.incremented,
-                    watched: result.watched.len(),
-                };
-                if only.is_none() {
-                    metrics::gauge!("shardlease_worker_owned_items")
-                        .set(result.watched.len() as f64);
-                    state.last = result;
-                }
-                return Some(ticked);
-            }
+            Ok(result) => return Some(state.record(&view, result, started, only.is_none())),
             Err(e) if e.is_fenced() => {
                 metrics::counter!("shardlease_worker_ticks_total", "outcome" => "fenced")
                     .increment(1);
-                tracing::info!(member = %member_id, error = %e, "tick fenced; refreshing the view");
+                tracing::debug!(member = %member_id, error = %e, "tick fenced; refreshing the view");
                 member
                     .wait_for(Duration::from_millis(500), |v| {
                         v.generation != view.generation
@@ -319,6 +359,72 @@ async fn tick(
     None
 }
 
+/// The hash ranges a tick covers: all the owned ones, or `only` those of the given shards
+/// that are still owned (`None`: none is).
+fn ranges_to_tick(owned: &[u32], all: &HashRanges, only: Option<&[u32]>) -> Option<HashRanges> {
+    let Some(subset) = only else {
+        return Some(all.clone());
+    };
+    let gained: Vec<u32> = subset
+        .iter()
+        .filter(|s| owned.binary_search(s).is_ok())
+        .copied()
+        .collect();
+    (!gained.is_empty()).then(|| HashRanges::of_shards(&gained, HASH_SHARDS))
+}
+
+/// The work connection, opened again when it is closed; `None` (reported) when it cannot be.
+async fn work_connection<'a>(
+    cfg: &WorkerConfig,
+    member_id: &str,
+    work: &'a mut Option<Client>,
+) -> Option<&'a mut Client> {
+    if work.as_ref().is_some_and(|c| !c.is_closed()) {
+        return work.as_mut();
+    }
+    match shardlease::connect_client(&cfg.work_pg, &format!("shardlease-worker {member_id} work"))
+        .await
+    {
+        Ok(c) => {
+            metrics::counter!("shardlease_worker_reconnects_total").increment(1);
+            Some(work.insert(c))
+        }
+        Err(e) => {
+            tracing::warn!(member = %member_id, error = %e, "work connection unavailable; skipping this tick");
+            metrics::counter!("shardlease_worker_ticks_total", "outcome" => "error").increment(1);
+            None
+        }
+    }
+}
+
+impl TickState {
+    /// Record a tick that committed: its metrics, the take-over time after a view change,
+    /// and, for a full tick (`whole`), what it watched.
+    fn record(&mut self, view: &View, result: TickResult, started: Instant, whole: bool) -> Ticked {
+        metrics::histogram!("shardlease_worker_tick_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!("shardlease_worker_ticks_total", "outcome" => "ok").increment(1);
+        metrics::counter!("shardlease_worker_increments_total")
+            .increment(result.incremented as u64);
+        if self.last_generation != Some(view.generation) && result.incremented > 0 {
+            if let (Some(_), Some(at)) = (self.last_generation, self.view_changed_at.take()) {
+                metrics::histogram!("shardlease_worker_takeover_seconds")
+                    .record(at.elapsed().as_secs_f64());
+            }
+            self.last_generation = Some(view.generation);
+        }
+        let ticked = Ticked {
+            incremented: result.incremented,
+            watched: result.watched.len(),
+        };
+        if whole {
+            metrics::gauge!("shardlease_worker_owned_items").set(result.watched.len() as f64);
+            self.last = result;
+        }
+        ticked
+    }
+}
+
 fn describe(view: &View, member_id: &str, state: &TickState, printer: &mut Printer) -> String {
     match view.my_slot() {
         Some(slot) => printer.line(
@@ -333,5 +439,24 @@ fn describe(view: &View, member_id: &str, state: &TickState, printer: &mut Print
             "[{member_id}] not joined ({:?}); watching nothing",
             view.state
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_that_come_back_after_a_loss_count_as_gained() {
+        let mut state = TickState::default();
+        assert_eq!(state.take(Some(vec![1, 5, 9])), (vec![1, 5, 9], 0));
+        assert_eq!(state.take(Some(vec![1, 5, 9])), (vec![], 0));
+        // Lost: nothing is owned meanwhile.
+        assert_eq!(state.take(None), (vec![], 3));
+        assert!(state.shards.is_empty());
+        // Rejoined into the same slot: every shard is gained again, for its catch-up tick.
+        assert_eq!(state.take(Some(vec![1, 5, 9])), (vec![1, 5, 9], 0));
+        // A rebalance: one shard moves away, one arrives.
+        assert_eq!(state.take(Some(vec![1, 7, 9])), (vec![7], 1));
     }
 }

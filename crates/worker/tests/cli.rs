@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -362,8 +363,23 @@ async fn status_prints_the_generation_and_every_member() {
         items += f[5].parse::<u32>().expect("ITEMS");
     }
     assert_eq!(
-        shards, 1024,
-        "status: the members' shards add up to every shard: {out}"
+        shards,
+        shardlease::shard_table::HASH_SHARDS,
+        "status: the members' hash shards add up to every shard: {out}"
+    );
+    for row in lines
+        .iter()
+        .filter(|l| l.starts_with("w1 ") || l.starts_with("w2 "))
+    {
+        let n: u32 = row.split_whitespace().nth(4).unwrap().parse().unwrap();
+        assert_eq!(
+            n, 32_768,
+            "status: two members own half the hash shards each: {out}"
+        );
+    }
+    assert!(
+        lines[0].contains("items per member max/mean"),
+        "status: the first line gives the balance: {out}"
     );
     assert_eq!(
         items, 300,
@@ -371,19 +387,209 @@ async fn status_prints_the_generation_and_every_member() {
     );
 }
 
+/// One step of the demo's output: worker → (items, the items marked as moved onto it),
+/// and its "balance: max M / mean X" figures.
+#[derive(Debug, Default)]
+struct Step {
+    owners: std::collections::BTreeMap<String, (BTreeSet<u32>, BTreeSet<u32>)>,
+    max: usize,
+    mean: f64,
+}
+
+/// The "Step N" blocks of the demo's stdout.
+fn demo_steps(stdout: &str) -> Vec<Step> {
+    let mut steps: Vec<Step> = Vec::new();
+    let mut current: Option<String> = None;
+    for line in stdout.lines() {
+        if line.starts_with("Step ") {
+            steps.push(Step::default());
+            current = None;
+            continue;
+        }
+        let Some(step) = steps.last_mut() else {
+            continue;
+        };
+        let trimmed = line.trim_start();
+        if let Some(rest) = trimmed.strip_prefix("balance: max ") {
+            let (max, rest) = rest.split_once(" / mean ").expect("max / mean");
+            step.max = max.parse().expect("max");
+            step.mean = rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .expect("mean");
+            current = None;
+            continue;
+        }
+        let ids = if let Some((head, ids)) = line.split_once(" items:") {
+            let name = head
+                .split_whitespace()
+                .next()
+                .expect("worker name")
+                .to_owned();
+            let count: usize = head
+                .split_whitespace()
+                .nth(1)
+                .unwrap()
+                .parse()
+                .expect("count");
+            step.owners.entry(name.clone()).or_default();
+            current = Some(name.clone());
+            let n = ids.split_whitespace().count();
+            assert!(count >= n, "{line}");
+            ids
+        } else if current.is_some()
+            && trimmed
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_digit() || c == '+')
+            && line.starts_with("    ")
+        {
+            line
+        } else {
+            current = None;
+            continue;
+        };
+        let entry = step.owners.get_mut(current.as_ref().unwrap()).unwrap();
+        for id in ids.split_whitespace() {
+            let n: u32 = id
+                .trim_start_matches('+')
+                .parse()
+                .unwrap_or_else(|_| panic!("item {id:?} in {line:?}"));
+            entry.0.insert(n);
+            if id.starts_with('+') {
+                entry.1.insert(n);
+            }
+        }
+    }
+    steps
+}
+
+/// The demo against the test's database, as a user runs it (no RUST_LOG).
+async fn demo_output(db: &TestDb) -> CliOutput {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(["demo", "--tick", "300ms"])
+        .env("DATABASE_URL", &db.url)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("the demo finishes within 120 s")
+        .expect("run the demo");
+    CliOutput {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 #[tokio::test]
-async fn demo_shows_three_steps() {
+async fn demo_tells_its_story_moving_only_what_must_move() {
     let db = TestDb::empty().await;
-    let out = db.cli(&["demo", "--tick", "300ms"]).await;
+    let out = demo_output(&db).await;
     assert!(out.success(), "demo: {out}");
-    for step in ["Step 1", "Step 2", "Step 3"] {
+    assert!(
+        out.stderr.is_empty(),
+        "only warnings are logged by default, and there are none: {out}"
+    );
+    assert!(
+        !out.stdout.contains("throwaway"),
+        "DATABASE_URL is set: no throwaway server: {out}"
+    );
+    let steps = demo_steps(&out.stdout);
+    assert_eq!(steps.len(), 3, "three steps: {out}");
+    let names = |s: &Step| s.owners.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(
+        names(&steps[0]),
+        ["worker-1", "worker-2", "worker-3"],
+        "{out}"
+    );
+    assert_eq!(names(&steps[1]), ["worker-1", "worker-3"], "{out}");
+    assert_eq!(
+        names(&steps[2]),
+        ["worker-1", "worker-3", "worker-4"],
+        "{out}"
+    );
+    let all: BTreeSet<u32> = (1..=60).collect();
+    for (i, step) in steps.iter().enumerate() {
+        // Every item has exactly one owner.
+        let mut seen = BTreeSet::new();
+        for (items, _) in step.owners.values() {
+            assert!(
+                seen.is_disjoint(items),
+                "step {}: an item has two owners: {out}",
+                i + 1
+            );
+            seen.extend(items);
+        }
+        assert_eq!(seen, all, "step {}: every item is watched: {out}", i + 1);
+        let max = step
+            .owners
+            .values()
+            .map(|(items, _)| items.len())
+            .max()
+            .unwrap();
+        assert_eq!(
+            step.max,
+            max,
+            "step {}: the balance line's max: {out}",
+            i + 1
+        );
+        let mean = 60.0 / step.owners.len() as f64;
         assert!(
-            out.stdout.contains(step),
-            "demo: no {step:?} in its output: {out}"
+            (step.mean - mean).abs() < 0.05,
+            "step {}: the balance line's mean: {out}",
+            i + 1
+        );
+    }
+    let items = |step: usize, w: &str| steps[step].owners[w].0.clone();
+    let marked = |step: usize, w: &str| steps[step].owners[w].1.clone();
+    // Step 1 marks nothing: there was nothing before it.
+    assert!(steps[0].owners.values().all(|(_, m)| m.is_empty()), "{out}");
+    // Step 2: worker-2's items, and only they, moved; the others kept theirs.
+    let leaver = items(0, "worker-2");
+    for w in ["worker-1", "worker-3"] {
+        assert!(
+            items(1, w).is_superset(&items(0, w)),
+            "step 2: {w} kept its items: {out}"
+        );
+        assert_eq!(
+            marked(1, w),
+            &items(1, w) - &items(0, w),
+            "step 2: + marks what moved onto {w}: {out}"
+        );
+        assert!(
+            marked(1, w).is_subset(&leaver),
+            "step 2: only worker-2's items moved: {out}"
+        );
+    }
+    // Step 3: worker-4 refills worker-2's slot: it gets exactly worker-2's items back.
+    assert_eq!(
+        items(2, "worker-4"),
+        leaver,
+        "step 3: worker-4 has worker-2's items: {out}"
+    );
+    assert_eq!(
+        marked(2, "worker-4"),
+        leaver,
+        "step 3: all of them moved onto it: {out}"
+    );
+    for w in ["worker-1", "worker-3"] {
+        assert_eq!(
+            items(2, w),
+            items(0, w),
+            "step 3: {w} is back to its step-1 items: {out}"
+        );
+        assert!(
+            marked(2, w).is_empty(),
+            "step 3: nothing moved onto {w}: {out}"
         );
     }
     assert!(
-        out.stdout.contains("worker-4"),
-        "demo: step 3 shows the joiner: {out}"
+        out.stdout
+            .contains("which got exactly worker-2's items back"),
+        "the summary says so: {out}"
     );
 }

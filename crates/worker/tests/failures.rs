@@ -136,7 +136,7 @@ async fn every_item_ticks_under_exactly_one_worker_and_a_joiner_takes_only_its_o
 }
 
 #[tokio::test]
-async fn kill_9_survivors_take_over_and_a_new_worker_refills_the_slot() {
+async fn kill_9_survivors_take_over_and_the_restarted_worker_gets_its_items_back() {
     let db = TestDb::with_items(ITEMS).await;
     let c = db.client().await;
     let mut ws = start(&db, &["w1", "w2", "w3"], &[]);
@@ -200,20 +200,22 @@ async fn kill_9_survivors_take_over_and_a_new_worker_refills_the_slot() {
         why: "crash take-over: the victim's last tick, detection, then the survivor's next tick",
     };
 
-    // A new worker refills the vacated slot and gets exactly w2's items back (I3).
-    let _w4 = db.worker("w4", &[]);
-    wait_settled(&c, &["w1", "w3", "w4"], Duration::from_secs(20)).await;
-    let refilled = quiet_window(&c, 2.0, "after w4 refilled w2's slot").await;
+    // w2 restarts under its own name (as a pod of a StatefulSet would): its slot was kept
+    // for it, so it gets exactly its former items back, and nobody else's (I3: refilling a
+    // vacated slot restores the assignment).
+    let _w2 = db.worker("w2", &[]);
+    wait_settled(&c, &["w1", "w2", "w3"], Duration::from_secs(20)).await;
+    let refilled = quiet_window(&c, 2.0, "after w2 came back").await;
     assert_eq!(
-        refilled.items_of("w4"),
+        refilled.items_of("w2"),
         victim_items,
-        "w4 took w2's vacated slot: it must own exactly w2's former items (I3: refilling a vacated slot restores the assignment)"
+        "the restarted w2 got its kept slot back: it must own exactly its former items"
     );
     for s in ["w1", "w3"] {
         assert_eq!(
             refilled.items_of(s),
             before.items_of(s),
-            "after w4 refilled w2's slot, {s} must own exactly its items from before the kill"
+            "after w2 came back, {s} must own exactly its items from before the kill"
         );
     }
 
