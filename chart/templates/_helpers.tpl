@@ -120,6 +120,33 @@ The DATABASE_URL env var, read from the database Secret.
 {{- end }}
 
 {{/*
+The Secret and key of the DATABASE_URL the workers, helm test and KEDA connect with: roles.memberSecret (a login
+of the member role) when set, otherwise the migrations' own (databaseSecretName/Key).
+*/}}
+{{- define "shardlease.memberSecretName" -}}
+{{- default (include "shardlease.databaseSecretName" .) .Values.roles.memberSecret }}
+{{- end }}
+
+{{- define "shardlease.memberSecretKey" -}}
+{{- if .Values.roles.memberSecret }}
+{{- default "DATABASE_URL" .Values.roles.memberSecretKey }}
+{{- else }}
+{{- include "shardlease.databaseSecretKey" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The DATABASE_URL env var of the workers (run) and helm test, read from the members' Secret.
+*/}}
+{{- define "shardlease.memberDatabaseUrlEnv" -}}
+- name: DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "shardlease.memberSecretName" . }}
+      key: {{ include "shardlease.memberSecretKey" . }}
+{{- end }}
+
+{{/*
 The key of WORK_DATABASE_URL in workDatabase.existingSecret (empty secretKey: WORK_DATABASE_URL).
 */}}
 {{- define "shardlease.workDatabaseSecretKey" -}}
@@ -189,15 +216,38 @@ Checks of value combinations that the JSON schema cannot express. Rendering fail
 {{- if and .Values.hpa.enabled (gt (int .Values.hpa.minReplicas) (int .Values.hpa.maxReplicas)) }}
 {{- fail "shardlease: hpa.minReplicas must not exceed hpa.maxReplicas." }}
 {{- end }}
+{{- $roles := .Values.roles }}
+{{- if and $roles.memberSecretKey (not $roles.memberSecret) }}
+{{- fail (printf "shardlease: roles.memberSecretKey=%s is set but roles.memberSecret is empty: name the Secret that holds the workers' DATABASE_URL (a login of the member role), or unset roles.memberSecretKey." $roles.memberSecretKey) }}
+{{- end }}
+{{- if and .Values.postgresql.enabled (or $roles.member $roles.inspector $roles.memberSecret) }}
+{{- fail "shardlease: roles.* need an external database whose roles you create (CREATE ROLE ... LOGIN PASSWORD ...): set postgresql.enabled=false and externalDatabase.existingSecret (the schema owner, for the migrations), or unset roles.member, roles.inspector and roles.memberSecret to run everything as the bundled database's owner." }}
+{{- end }}
+{{- if and (or $roles.member $roles.inspector) (eq (include "shardlease.migrationMode" .) "none") }}
+{{- fail "shardlease: roles.member and roles.inspector are granted by the migrations, but migrations.strategy=none: run `shardlease-worker grant --member-role ... --inspector-role ...` yourself and unset them, or let the chart migrate (migrations.strategy=hook)." }}
+{{- end }}
+{{- if and $roles.memberSecret (eq (include "shardlease.migrationMode" .) "initContainer") }}
+{{- fail "shardlease: roles.memberSecret separates the workers' credentials from the owner's, but migrations.strategy=initContainer would put the owner's (externalDatabase.existingSecret) into every worker pod: use migrations.strategy=hook (the default for an external database) or none." }}
+{{- end }}
+{{- if and $roles.member (not $roles.memberSecret) }}
+{{- fail (printf "shardlease: roles.member=%s is set but the workers would still connect with the owner's credentials: set roles.memberSecret to a Secret whose DATABASE_URL logs in as %s." $roles.member $roles.member) }}
+{{- end }}
+{{- if $roles.memberSecret }}
+{{- range .Values.worker.extraEnv }}
+{{- if eq .name "DATABASE_URL" }}
+{{- fail "shardlease: DATABASE_URL is set twice, by roles.memberSecret and in worker.extraEnv; keep only roles.memberSecret." }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- if and (eq .Values.migrations.strategy "hook") .Values.postgresql.enabled }}
 {{- fail "shardlease: migrations.strategy=hook cannot work with the bundled PostgreSQL: Helm creates its StatefulSet only after the pre-install hooks finish. Use migrations.strategy=auto (initContainer) or an external database." }}
 {{- end }}
 {{- end }}
 
 {{/*
-Environment shared by every container that runs the worker binary (run, migrate, status).
+Environment shared by every container that runs the worker binary (run, migrate, status), but DATABASE_URL.
 */}}
-{{- define "shardlease.workerEnv" -}}
+{{- define "shardlease.commonEnv" -}}
 - name: POD_NAME
   valueFrom:
     fieldRef:
@@ -206,7 +256,6 @@ Environment shared by every container that runs the worker binary (run, migrate,
   valueFrom:
     fieldRef:
       fieldPath: metadata.namespace
-{{ include "shardlease.databaseUrlEnv" . }}
 - name: SHARDLEASE_GROUP
   value: {{ .Values.worker.group | quote }}
 - name: SHARDLEASE_HEARTBEAT
@@ -219,4 +268,29 @@ Environment shared by every container that runs the worker binary (run, migrate,
   value: {{ .Values.worker.logFormat | quote }}
 - name: SHARDLEASE_HTTP_ADDR
   value: {{ printf "0.0.0.0:%d" (int .Values.worker.httpPort) | quote }}
+{{- end }}
+
+{{/*
+Environment of the containers that run as the workers do (run, helm test's status): DATABASE_URL from the
+members' Secret (roles.memberSecret) when set, otherwise the migrations' own.
+*/}}
+{{- define "shardlease.workerEnv" -}}
+{{ include "shardlease.commonEnv" . }}
+{{ include "shardlease.memberDatabaseUrlEnv" . }}
+{{- end }}
+
+{{/*
+Environment of the migrations (Job or initContainer): the owner's DATABASE_URL, and the roles to grant.
+*/}}
+{{- define "shardlease.migrationEnv" -}}
+{{ include "shardlease.commonEnv" . }}
+{{ include "shardlease.databaseUrlEnv" . }}
+{{- with .Values.roles.member }}
+- name: SHARDLEASE_MEMBER_ROLE
+  value: {{ . | quote }}
+{{- end }}
+{{- with .Values.roles.inspector }}
+- name: SHARDLEASE_INSPECTOR_ROLE
+  value: {{ . | quote }}
+{{- end }}
 {{- end }}

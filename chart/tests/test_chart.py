@@ -56,6 +56,10 @@ EXTERNAL = {
 # The work connection (WORK_DATABASE_URL) behind PgBouncer in transaction mode, default key.
 WORK_DB = {"workDatabase": {"existingSecret": "pgbouncer-url"}}
 
+# Least-privilege roles: the workers connect as a member role from a Secret of their own; the migrations
+# (as the owner, from externalDatabase's Secret) grant the member and inspector roles.
+ROLES = {**EXTERNAL, "roles": {"member": "sl_worker", "inspector": "sl_inspector", "memberSecret": "member-db"}}
+
 # Named value sets that must render. Each one is linted, rendered and validated.
 SCENARIOS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -68,6 +72,15 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "initcontainer-external": {**EXTERNAL, "migrations": {"strategy": "initContainer"}},
     "no-migrations": {"migrations": {"strategy": "none"}},
     "work-database": WORK_DB,
+    "roles": ROLES,
+    "roles-keda-work-database": {
+        **EXTERNAL, **WORK_DB, "keda": {"enabled": True},
+        "roles": {"member": "sl_worker", "memberSecret": "member-db", "memberSecretKey": "url"},
+    },
+    "roles-inspector-only": {**EXTERNAL, "roles": {"inspector": "sl_ro"}},
+    "roles-member-secret-no-migrations": {
+        **EXTERNAL, "migrations": {"strategy": "none"}, "roles": {"memberSecret": "member-db"},
+    },
     "work-database-external-keda": {
         **EXTERNAL, "keda": {"enabled": True},
         "workDatabase": {"existingSecret": "pgbouncer", "secretKey": "tx-url"},
@@ -286,7 +299,7 @@ def test_schema_is_draft07_and_closed():
     assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
     jsonschema.Draft7Validator.check_schema(schema)
     assert schema["additionalProperties"] is False
-    for key in ("image", "worker", "postgresql", "externalDatabase", "workDatabase", "keda", "hpa",
+    for key in ("image", "worker", "postgresql", "externalDatabase", "workDatabase", "roles", "keda", "hpa",
                 "migrations", "serviceMonitor", "podDisruptionBudget", "service", "serviceAccount"):
         assert schema["properties"][key]["additionalProperties"] is False, key
     # The defaults satisfy the schema; so does every scenario (checked by Python's validator too).
@@ -309,6 +322,11 @@ def test_schema_is_draft07_and_closed():
     ({"workDatabase": {"existingSecret": "PgBouncer_URL"}}, "/workDatabase/existingSecret"),
     ({"workDatabase": {"existingSecret": "pgb", "secretKey": "a key"}}, "/workDatabase/secretKey"),
     ({"workDatabase": {"url": "postgres://app:pw@pgbouncer:6432/app"}}, "url"),  # no inline URLs
+    ({"roles": {"member": "worker; DROP ROLE x"}}, "/roles/member"),
+    ({"roles": {"inspector": 7}}, "/roles/inspector"),
+    ({"roles": {"memberSecret": "Member_DB"}}, "/roles/memberSecret"),
+    ({"roles": {"memberSecret": "m", "memberSecretKey": "a key"}}, "/roles/memberSecretKey"),
+    ({"roles": {"password": "pw"}}, "password"),  # no inline credentials
 ])
 def test_schema_rejects_bad_values(values, where):
     with pytest.raises(helm.HelmValuesError) as err:
@@ -337,6 +355,20 @@ def test_schema_rejects_bad_values(values, where):
      "workDatabase.secretKey=WORK_DATABASE_URL is set but workDatabase.existingSecret is empty"),
     ({**WORK_DB, "worker": {"extraEnv": [{"name": "WORK_DATABASE_URL", "value": "postgres://x"}]}},
      "WORK_DATABASE_URL is set twice"),
+    ({**EXTERNAL, "roles": {"memberSecretKey": "url"}},
+     "roles.memberSecretKey=url is set but roles.memberSecret is empty"),
+    ({"roles": {"member": "sl_worker", "memberSecret": "member-db"}},
+     "roles.* need an external database whose roles you create"),
+    ({"roles": {"inspector": "sl_ro"}},
+     "roles.* need an external database whose roles you create"),
+    ({**ROLES, "migrations": {"strategy": "none"}},
+     "roles.member and roles.inspector are granted by the migrations, but migrations.strategy=none"),
+    ({**ROLES, "migrations": {"strategy": "initContainer"}},
+     "migrations.strategy=initContainer would put the owner's"),
+    ({**EXTERNAL, "roles": {"member": "sl_worker"}},
+     "roles.member=sl_worker is set but the workers would still connect with the owner's credentials"),
+    ({**ROLES, "worker": {"extraEnv": [{"name": "DATABASE_URL", "value": "postgres://x"}]}},
+     "DATABASE_URL is set twice"),
 ])
 def test_bad_combinations_fail_clearly(values, message):
     with pytest.raises(helm.HelmRenderError) as err:
@@ -518,34 +550,103 @@ def test_security_context_everywhere(scenario):
 # --------------------------------------------------------------------------------------------
 
 def expected_db_secret(values: dict[str, Any]) -> tuple[str, str]:
+    """The owner's DATABASE_URL: what the migrations (and wait-for-postgres) read."""
     if values.get("postgresql", {}).get("enabled", True):
         return f"{FULLNAME}-db", "DATABASE_URL"
     ext = values["externalDatabase"]
     return ext["existingSecret"], ext.get("existingSecretKey", "DATABASE_URL")
 
 
+def expected_member_secret(values: dict[str, Any]) -> tuple[str, str]:
+    """The workers' DATABASE_URL (run, helm test, KEDA): roles.memberSecret when set, else the owner's."""
+    roles = values.get("roles", {})
+    if roles.get("memberSecret"):
+        return roles["memberSecret"], roles.get("memberSecretKey") or "DATABASE_URL"
+    return expected_db_secret(values)
+
+
+def is_migration(container: dict[str, Any]) -> bool:
+    return container.get("args") == ["migrate"]
+
+
 def test_database_url_comes_from_the_right_secret(scenario):
+    """The migrations read the owner's Secret; the workers, helm test and KEDA the members' (the owner's
+    when roles.memberSecret is unset)."""
     name, values, r = scenario
-    secret_name, secret_key = expected_db_secret(values)
-    expected = {"secretKeyRef": {"name": secret_name, "key": secret_key}}
+    owner = {"secretKeyRef": dict(zip(("name", "key"), expected_db_secret(values)))}
+    member_name, member_key = expected_member_secret(values)
+    member = {"secretKeyRef": {"name": member_name, "key": member_key}}
     users = 0
-    for owner, spec in pod_templates(r):
-        if owner["kind"] == "StatefulSet":
+    for workload, spec in pod_templates(r):
+        if workload["kind"] == "StatefulSet":
             continue  # PostgreSQL itself: checked in test_bundled_postgresql
         for c in all_containers(spec):
             env = env_of(c)
-            if runs_worker_binary(c) or c["name"] == "wait-for-postgres":
+            where = f"{name}: {workload['metadata']['name']}/{c['name']}"
+            if is_migration(c) or c["name"] == "wait-for-postgres":
                 users += 1
-                assert env["DATABASE_URL"]["valueFrom"] == expected, \
-                    f"{name}: {owner['metadata']['name']}/{c['name']}"
+                assert env["DATABASE_URL"]["valueFrom"] == owner, where
+            elif runs_worker_binary(c):
+                users += 1
+                assert env["DATABASE_URL"]["valueFrom"] == member, where
             assert "value" not in env.get("DATABASE_URL", {}), "DATABASE_URL must not be inlined"
     assert users >= 1
     for auth in r.of_kind("TriggerAuthentication"):
         assert auth["spec"]["secretTargetRef"] == [
-            {"parameter": "connection", "name": secret_name, "key": secret_key}]
+            {"parameter": "connection", "name": member_name, "key": member_key}]
     # A user-supplied Secret is never rendered (and so never overwritten) by the chart.
     if not values.get("postgresql", {}).get("enabled", True):
         assert not r.of_kind("Secret")
+
+
+def test_roles_are_granted_by_the_migrations_only(scenario):
+    """SHARDLEASE_MEMBER_ROLE and SHARDLEASE_INSPECTOR_ROLE (migrate then grants) are set on the migration
+    containers alone, when roles.member and roles.inspector are set; no other container sees the owner's Secret."""
+    name, values, r = scenario
+    roles = values.get("roles", {})
+    want = {k: v for k, v in (("SHARDLEASE_MEMBER_ROLE", roles.get("member")),
+                              ("SHARDLEASE_INSPECTOR_ROLE", roles.get("inspector"))) if v}
+    migrations = 0
+    owner_secret = expected_db_secret(values)[0]
+    for workload, spec in pod_templates(r):
+        for c in all_containers(spec):
+            env = env_of(c)
+            got = {k: env[k]["value"] for k in ("SHARDLEASE_MEMBER_ROLE", "SHARDLEASE_INSPECTOR_ROLE") if k in env}
+            where = f"{name}: {workload['metadata']['name']}/{c['name']}"
+            if is_migration(c):
+                migrations += 1
+                assert got == want, where
+            else:
+                assert not got, where
+                if roles.get("memberSecret") and runs_worker_binary(c):
+                    refs = [e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
+                            if "secretKeyRef" in e.get("valueFrom", {})]
+                    assert owner_secret not in refs, f"{where} must not read the owner's Secret"
+    if roles.get("member") or roles.get("inspector"):
+        assert migrations >= 1, f"{name}: the grants need a migration container"
+
+
+def test_roles_render_and_document():
+    r = render(ROLES)
+    (job,) = r.of_kind("Job")
+    env = env_of(job["spec"]["template"]["spec"]["containers"][0])
+    assert env["SHARDLEASE_MEMBER_ROLE"]["value"] == "sl_worker"
+    assert env["SHARDLEASE_INSPECTOR_ROLE"]["value"] == "sl_inspector"
+    assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "my-db", "key": "url"}
+    assert env_of(worker_container(r))["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "member-db", "key": "DATABASE_URL"}
+    test_pod = r.one("Pod", f"{FULLNAME}-test")
+    assert env_of(test_pod["spec"]["containers"][0])["DATABASE_URL"]["valueFrom"]["secretKeyRef"]["name"] == "member-db"
+    for snippet in ("connect as the member role sl_worker", "Secret member-db (key DATABASE_URL)",
+                    "member role sl_worker: join, heartbeat, leave, reap, tick work_items",
+                    "inspector role sl_inspector: read the views",
+                    "the member role may not insert: seed with the owner's DATABASE_URL (Secret my-db)"):
+        assert snippet in r.notes, snippet
+    # Without roles, nothing about them.
+    plain = render(EXTERNAL)
+    assert "member role" not in plain.notes
+    (job,) = plain.of_kind("Job")
+    assert "SHARDLEASE_MEMBER_ROLE" not in env_of(job["spec"]["template"]["spec"]["containers"][0])
 
 
 def expected_work_db_secret(values: dict[str, Any]) -> tuple[str, str] | None:
@@ -567,7 +668,7 @@ def test_work_database_url_only_on_the_worker(scenario):
         assert env["WORK_DATABASE_URL"] == {"name": "WORK_DATABASE_URL", "valueFrom": {
             "secretKeyRef": {"name": expected[0], "key": expected[1]}}}, name
     # The session connection is unchanged either way.
-    session_secret, session_key = expected_db_secret(values)
+    session_secret, session_key = expected_member_secret(values)
     assert env["DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": session_secret, "key": session_key}
     for owner, spec in pod_templates(r):
         for c in all_containers(spec):
@@ -813,12 +914,12 @@ def test_helm_test_pod_runs_status():
     assert not render({"tests": {"enabled": False}}).of_kind("Pod")
 
 
-@pytest.mark.parametrize("values", [{}, EXTERNAL, {**EXTERNAL, **WORK_DB}])
+@pytest.mark.parametrize("values", [{}, EXTERNAL, {**EXTERNAL, **WORK_DB}, ROLES])
 def test_notes_show_how_to_inspect(values):
     notes = render(values).notes
     for snippet in (
         "SELECT * FROM shardlease.members;",
-        "SELECT name, generation, slot_count FROM shardlease.groups;",
+        "SELECT group_name, generation, slot_count, alive_members FROM shardlease.group_status;",
         "SELECT currentworker, count(*) FROM public.work_items GROUP BY 1 ORDER BY 1;",
         "SELECT * FROM public.work_items ORDER BY currentWorker;",
         f"kubectl -n {NAMESPACE} logs -l app.kubernetes.io/name=shardlease,app.kubernetes.io/instance={RELEASE}",
