@@ -297,6 +297,37 @@ async fn sigstop_past_the_ttl_is_fenced_and_rejoins_after_sigcont() {
     fresh_tick_of(&c, "w2").await;
     let stopped_at = db_now(&c).await;
     ws[1].signal("STOP");
+    // The stopped w2 renews no more, but a heartbeat it sent just before the stop may still
+    // extend its lease on the server: follow the lease until the reaper deletes it, and keep
+    // the last expiry it showed (database clock).
+    let last_expiry = std::cell::Cell::new(f64::MIN);
+    poll_until(
+        Duration::from_secs_f64(TTL + 10.0),
+        "the stopped w2's lease to be reaped",
+        || {
+            let (c, last_expiry) = (&c, &last_expiry);
+            async move {
+                let expiry: Option<f64> = c
+                    .query_opt(
+                        "SELECT extract(epoch FROM expires_at)::float8 FROM shardlease.leases \
+                         WHERE group_name = $1 AND member_id = 'w2'",
+                        &[&GROUP],
+                    )
+                    .await
+                    .expect("read w2's lease")
+                    .map(|r| r.get(0));
+                match expiry {
+                    Some(e) => {
+                        last_expiry.set(last_expiry.get().max(e));
+                        None
+                    }
+                    None => Some(()),
+                }
+            }
+        },
+    )
+    .await;
+    let last_expiry = last_expiry.get();
     wait_settled(&c, &["w1", "w3"], Duration::from_secs_f64(TTL + 10.0)).await;
     let (_, reaped_at) = generation(&c).await;
     let hang_detection = reaped_at - stopped_at;
@@ -313,10 +344,21 @@ async fn sigstop_past_the_ttl_is_fenced_and_rejoins_after_sigcont() {
         stopped_items.len(),
         "every item of the stopped w2 was taken over"
     );
-    // The last heartbeat before the stop was at most one heartbeat (0.5 s) earlier, so the
-    // lease expires between TTL - 0.5 s and TTL after the stop; never reaped before expiry.
+    // Never reaped before its lease expired by the database clock, and soon after it.
     assert!(
-        (TTL - 0.5 - SLACK..=TTL + DETECT).contains(&hang_detection),
+        reaped_at >= last_expiry,
+        "SIGSTOP: w2 was reaped {:.3} s before its lease expired",
+        last_expiry - reaped_at
+    );
+    assert!(
+        reaped_at <= last_expiry + DETECT,
+        "SIGSTOP: w2 was reaped {:.3} s after its lease expired (allowed: {DETECT} s)",
+        reaped_at - last_expiry
+    );
+    // A heartbeat extends the lease once less than TTL - 1.5 heartbeats is left, so every
+    // other beat (0.5 s here): at the stop the lease had between TTL - 1 s and TTL left.
+    assert!(
+        (TTL - 1.0 - SLACK..=TTL + DETECT).contains(&hang_detection),
         "SIGSTOP: w2 was reaped {hang_detection:.3} s after the stop; expected after its lease expired, within TTL {TTL} s (+{DETECT} s)"
     );
     let resumed_at = db_now(&c).await;
