@@ -62,8 +62,8 @@ async fn main() -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let me = args.member.unwrap_or_else(default_member_id);
 
-    let pg = shardlease::parse_database_url(&args.database_url)?;
-    let mut client = shardlease::connect_client(&pg, "leader_election").await?;
+    let pg: shardlease::DbConfig = args.database_url.parse()?;
+    let mut client = pg.connect("leader_election").await?;
     shardlease::migrate(&mut client).await?;
     // Serialise the CREATE: concurrent CREATE TABLE IF NOT EXISTS can still collide.
     client
@@ -108,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
                     Err(e) if e.is_fenced() => println!("FENCED {me}: {e}"),
                     Err(e) if client.is_closed() => {
                         eprintln!("{me}: the work connection broke ({e}); reconnecting");
-                        client = shardlease::connect_client(&pg, "leader_election").await?;
+                        client = pg.connect("leader_election").await?;
                     }
                     Err(e) => eprintln!("{me}: write failed: {e}"),
                 }

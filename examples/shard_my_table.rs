@@ -71,8 +71,8 @@ async fn main() -> anyhow::Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let me = args.member.clone().unwrap_or_else(default_member_id);
 
-    let pg = shardlease::parse_database_url(&args.database_url)?;
-    let mut client = shardlease::connect_client(&pg, "shard_my_table").await?;
+    let pg: shardlease::DbConfig = args.database_url.parse()?;
+    let mut client = pg.connect("shard_my_table").await?;
     shardlease::migrate(&mut client).await?; // creates shardlease.uuid_hash, add_key_hash, ...
     setup(&mut client, args.seed).await?;
 
@@ -125,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Err(e) if client.is_closed() => {
                 eprintln!("{me}: the work connection broke ({e}); reconnecting");
-                client = shardlease::connect_client(&pg, "shard_my_table").await?;
+                client = pg.connect("shard_my_table").await?;
                 continue;
             }
             Err(e) => return Err(e.into()),

@@ -63,6 +63,7 @@
 #![deny(missing_docs)]
 
 pub mod assignment;
+pub mod backoff;
 mod config;
 mod connect;
 mod error;

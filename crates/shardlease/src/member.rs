@@ -24,7 +24,7 @@ use crate::view::{MemberState, View};
 ///
 /// ```no_run
 /// # async fn f() -> shardlease::Result<()> {
-/// let pg = shardlease::parse_database_url("postgres://postgres@127.0.0.1/postgres")?;
+/// let pg: shardlease::DbConfig = "postgres://postgres@127.0.0.1/postgres".parse()?;
 /// let member = shardlease::Member::join(&pg, shardlease::MemberConfig::new("orders", "pod-a")).await?;
 /// let mut views = member.watch();
 /// loop {

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 use tokio_postgres::Client;
 
 use crate::error::{describe_db_error, Doing, Error, Result};
@@ -137,10 +137,7 @@ impl MigrateOptions {
     }
 
     fn backoff(&self) -> impl Iterator<Item = Duration> {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(self.max_backoff)
-            .with_jitter()
+        crate::backoff::jittered(Duration::from_millis(100), self.max_backoff)
             .with_max_times(self.attempts.saturating_sub(1) as usize)
             .build()
     }

@@ -693,15 +693,9 @@ impl Driver {
     }
 }
 
-/// Capped exponential backoff from 50 ms up to `cap`, with jitter from a randomly seeded
-/// generator (backon's `std` feature: without it every process draws the same delays, and
-/// a group that lost its server retries in lockstep).
+/// Capped, jittered exponential backoff from 50 ms up to `cap`.
 fn rejoin_backoff(cap: Duration) -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(50))
-        .with_max_delay(cap)
-        .with_jitter()
-        .without_max_times()
+    crate::backoff::jittered(Duration::from_millis(50), cap)
 }
 
 /// The next instant at checker `rank`'s phase of `period`: checkers divide the period evenly

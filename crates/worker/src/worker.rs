@@ -198,11 +198,7 @@ async fn until_shutdown<T>(
 }
 
 fn backoff() -> ExponentialBuilder {
-    ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(5))
-        .with_jitter()
-        .without_max_times()
+    shardlease::backoff::jittered(Duration::from_millis(200), Duration::from_secs(5))
 }
 
 async fn join(cfg: &WorkerConfig) -> Result<Member> {

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 use tokio::sync::watch;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
@@ -262,12 +262,8 @@ impl Watcher {
 
     /// Reconnect with capped, jittered exponential backoff until it works (`Some`) or `stop`.
     async fn reconnect(&self, stop: &CancellationToken) -> Option<Conn> {
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(self.max_backoff)
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let mut delays =
+            crate::backoff::jittered(Duration::from_millis(50), self.max_backoff).build();
         loop {
             match self.open().await {
                 Ok(conn) => return Some(conn),
