@@ -27,16 +27,17 @@
 //! The results also go to `<target dir>/leader.json`.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
+
+mod common;
 
 use anyhow::{anyhow, bail, Context, Result};
 use shardlease::tokio_postgres::Client;
 use shardlease::{DbConfig, Election, Leader, LeaderConfig, Leadership, Member, MemberConfig};
 use shardlease_testkit::PrivateServer;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::task::JoinHandle;
+
+use common::{ms, stats, stats_json, Proc, Rng, Stats};
 
 /// Bound on every wait; a hand-over slower than this counts as a failed run.
 const WAIT: Duration = Duration::from_secs(30);
@@ -74,7 +75,7 @@ impl Opts {
             Err(_) => 30,
         };
         let mut rest = Duration::from_secs(60);
-        let mut json = default_json_path();
+        let mut json = common::target_dir().join("leader.json");
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
@@ -106,24 +107,6 @@ impl Opts {
     }
 }
 
-/// `<target>/leader.json`: the bench runs as `<target>/<profile>/deps/leader-<hash>`.
-fn default_json_path() -> PathBuf {
-    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir).join("leader.json");
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(target) = exe.ancestors().nth(3) {
-            if exe.parent().and_then(|p| p.file_name()) == Some("deps".as_ref()) {
-                return target.join("leader.json");
-            }
-        }
-    }
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../target/leader.json"
-    ))
-}
-
 // ---------------------------------------------------------------------------------------
 // The child candidate (this binary, re-executed)
 
@@ -152,66 +135,13 @@ async fn child_main() -> Result<()> {
     std::process::exit(0)
 }
 
-struct Proc {
-    child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
-    _stdin: ChildStdin,
-}
-
-impl Proc {
-    fn spawn(url: &str, group: &str) -> Result<Proc> {
-        let exe = std::env::current_exe().context("bench binary path")?;
-        let mut child = Command::new(exe)
-            .arg("--child")
-            .env(ENV_URL, url)
-            .env(ENV_GROUP, group)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawn child process")?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        let stdin = child.stdin.take().context("child stdin")?;
-        Ok(Proc {
-            child,
-            lines: BufReader::new(stdout).lines(),
-            _stdin: stdin,
-        })
-    }
-
-    async fn ready(&mut self) -> Result<()> {
-        loop {
-            match tokio::time::timeout(WAIT, self.lines.next_line()).await {
-                Err(_) => bail!("child printed no READY within {WAIT:?}"),
-                Ok(Ok(Some(line))) if line.starts_with("READY") => return Ok(()),
-                Ok(Ok(Some(_))) => continue,
-                Ok(Ok(None)) => bail!("child exited before READY"),
-                Ok(Err(e)) => bail!("reading child stdout: {e}"),
-            }
-        }
-    }
-
-    /// Send `signal` with one `kill(2)` call. Returns the instant just before the syscall.
-    fn signal(&mut self, signal: libc::c_int) -> Result<Instant> {
-        let pid = self.child.id().context("child already reaped")?;
-        let pid = libc::pid_t::try_from(pid).context("child pid")?;
-        let t0 = Instant::now();
-        // SAFETY: kill(2) takes plain integers; the pid is our own child's, not reaped yet.
-        let rc = unsafe { libc::kill(pid, signal) };
-        if rc != 0 {
-            bail!(
-                "kill({pid}, {signal}) failed: {}",
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(t0)
-    }
-
-    async fn reap(mut self) {
-        let _ = self.child.start_kill();
-        let _ = tokio::time::timeout(WAIT, self.child.wait()).await;
-    }
+/// A child candidate in `group`.
+fn child(url: &str, group: &str) -> Result<Proc> {
+    Proc::spawn(
+        "candidate",
+        &["--child"],
+        &[(ENV_URL, url), (ENV_GROUP, group)],
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -286,10 +216,10 @@ async fn resign_all(ls: Vec<Leader>) {
 /// A child-process leader and two in-process followers (`s1` joined before `s2`); the child
 /// gets `signal` (SIGKILL or SIGTERM).
 async fn child_leader(cx: &Cx, group: &str, signal: libc::c_int) -> Result<Sample> {
-    let mut victim = Proc::spawn(&cx.url, group)?;
+    let mut victim = child(&cx.url, group)?;
     let mut followers = Vec::new();
     let result = async {
-        victim.ready().await?;
+        victim.ready(WAIT).await?;
         for id in ["s1", "s2"] {
             followers.push(Leader::join(&cx.pg, LeaderConfig::new(group, id)).await?);
         }
@@ -333,7 +263,7 @@ async fn child_leader(cx: &Cx, group: &str, signal: libc::c_int) -> Result<Sampl
         })
     }
     .await;
-    victim.reap().await;
+    victim.reap(WAIT).await;
     resign_all(followers).await;
     result
 }
@@ -598,25 +528,6 @@ async fn at_rest(
 // ---------------------------------------------------------------------------------------
 // Driver, statistics, report
 
-/// xorshift64*, seeded from the clock: only for the random pre-event delay.
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Rng {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9E37_79B9_7F4A_7C15);
-        Rng(seed | 1)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
-    }
-}
-
 struct Cx {
     url: String,
     pg: DbConfig,
@@ -632,52 +543,10 @@ impl Cx {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
-}
-
-struct Stats {
-    p50: Duration,
-    p99: Duration,
-    max: Duration,
-    min: Duration,
-}
-
-fn stats(values: impl IntoIterator<Item = Duration>) -> Option<Stats> {
-    let mut v: Vec<Duration> = values.into_iter().collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort();
-    Some(Stats {
-        p50: percentile(&v, 50.0),
-        p99: percentile(&v, 99.0),
-        max: *v.last().expect("non-empty"),
-        min: v[0],
-    })
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 fn pair(s: &Option<Stats>) -> String {
     match s {
         Some(s) => format!("{:.1} / {:.1} ms", ms(s.p50), ms(s.p99)),
         None => "-".into(),
-    }
-}
-
-fn stats_json(s: &Option<Stats>) -> serde_json::Value {
-    match s {
-        None => serde_json::Value::Null,
-        Some(s) => serde_json::json!({
-            "p50_ms": ms(s.p50), "p99_ms": ms(s.p99), "max_ms": ms(s.max), "min_ms": ms(s.min),
-        }),
     }
 }
 

@@ -62,19 +62,20 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+mod common;
 
 use anyhow::{anyhow, bail, Context, Result};
 use shardlease::tokio_postgres::{AsyncMessage, Client, NoTls};
 use shardlease::{DbConfig, Member, MemberConfig, MemberState, View};
 use shardlease_testkit::PrivateServer;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
+
+use common::{ms, percentile, target_dir, Proc};
 
 const GROUP: &str = "scale";
 const FLOOR_CHANNEL: &str = "scale_floor";
@@ -212,21 +213,6 @@ impl Opts {
     }
 }
 
-/// `<target>`: the bench runs as `<target>/<profile>/deps/scale-<hash>`.
-fn target_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir);
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        if exe.parent().and_then(|p| p.file_name()) == Some("deps".as_ref()) {
-            if let Some(target) = exe.ancestors().nth(3) {
-                return target.to_path_buf();
-            }
-        }
-    }
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target"))
-}
-
 // ---------------------------------------------------------------------------------------
 // Child processes (this binary, re-executed)
 
@@ -280,69 +266,9 @@ async fn child_main(args: &[String]) -> Result<()> {
     std::process::exit(0)
 }
 
-struct Proc {
-    name: String,
-    child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
-    _stdin: ChildStdin,
-}
-
-impl Proc {
-    fn spawn(url: &str, role: &str, arg: &str) -> Result<Proc> {
-        let exe = std::env::current_exe().context("bench binary path")?;
-        let mut child = Command::new(exe)
-            .args(["--child", role, url, arg])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawn a child process")?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        let stdin = child.stdin.take().context("child stdin")?;
-        Ok(Proc {
-            name: format!("{role} {arg}"),
-            child,
-            lines: BufReader::new(stdout).lines(),
-            _stdin: stdin,
-        })
-    }
-
-    /// Wait for the child's `READY` line; returns its join attempts.
-    async fn ready(&mut self, timeout: Duration) -> Result<u32> {
-        let name = self.name.clone();
-        let fut = async {
-            loop {
-                match self.lines.next_line().await {
-                    Ok(Some(line)) => {
-                        if let Some(rest) = line.strip_prefix("READY ") {
-                            return Ok(rest.trim().parse().unwrap_or(1));
-                        }
-                        if let Some(e) = line.strip_prefix("FAILED ") {
-                            bail!("child {name} gave up joining: {e}");
-                        }
-                    }
-                    Ok(None) => bail!("child {name} exited before READY"),
-                    Err(e) => bail!("reading child {name}'s stdout: {e}"),
-                }
-            }
-        };
-        tokio::time::timeout(timeout, fut)
-            .await
-            .map_err(|_| anyhow!("child {name} printed no READY within {timeout:?}"))?
-    }
-
-    /// SIGKILL; returns the instant just before the syscall.
-    fn kill9(&mut self) -> Result<Instant> {
-        let t0 = Instant::now();
-        self.child.start_kill().context("kill -9 a child")?;
-        Ok(t0)
-    }
-
-    async fn reap(mut self, timeout: Duration) {
-        let _ = self.child.start_kill();
-        let _ = tokio::time::timeout(timeout, self.child.wait()).await;
-    }
+/// A child `--child <role> <url> <arg>`.
+fn child(url: &str, role: &str, arg: &str) -> Result<Proc> {
+    Proc::spawn(&format!("{role} {arg}"), &["--child", role, url, arg], &[])
 }
 
 // ---------------------------------------------------------------------------------------
@@ -431,16 +357,6 @@ impl Dist {
             "stopped_at_the_phase_budget": self.cut,
         })
     }
-}
-
-/// Nearest rank: the smallest sample with at least p% of the samples at or below it.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn fmt_d(d: Duration) -> String {
@@ -857,7 +773,7 @@ async fn floors(cx: &Ctx<'_>, n: usize, r: &mut SizeResult) -> Result<()> {
         if r.floor_lock.stop(phase, o.phase) {
             break;
         }
-        let mut holder = Proc::spawn(&cx.url, "lock", "1")?;
+        let mut holder = child(&cx.url, "lock", "1")?;
         let res = async {
             holder.ready(o.timeout).await?;
             let payload = format!("k{rep}");
@@ -896,7 +812,7 @@ async fn floors(cx: &Ctx<'_>, n: usize, r: &mut SizeResult) -> Result<()> {
         let res = async {
             let mut procs = Vec::new();
             for i in 0..k {
-                procs.push(Proc::spawn(&cx.url, "lock", &(100 + i).to_string())?);
+                procs.push(child(&cx.url, "lock", &(100 + i).to_string())?);
             }
             let deadline = t0 + o.churn_timeout;
             let mut result = Ok(());
@@ -1077,7 +993,7 @@ async fn at_rest(cx: &Ctx<'_>, members: usize, r: &mut SizeResult) -> Result<()>
 /// Returns the instant of the kill and the time until the last view.
 async fn kill_once(cx: &Ctx<'_>, obs: &[(String, Rx)], id: &str) -> Result<(Instant, Duration)> {
     let o = cx.opts;
-    let mut p = Proc::spawn(&cx.url, "member", id)?;
+    let mut p = child(&cx.url, "member", id)?;
     let res = async {
         p.ready(o.timeout).await?;
         let want = id.to_owned();
@@ -1240,7 +1156,7 @@ async fn contended(cx: &Ctx<'_>, members: &[Member], r: &mut SizeResult) -> Resu
     }
     let mut victims = Vec::new();
     for i in 0..events {
-        victims.push(Proc::spawn(&cx.url, "member", &format!("c-victim-{i}"))?);
+        victims.push(child(&cx.url, "member", &format!("c-victim-{i}"))?);
     }
     // Not measured: as long as a churn round may take.
     let setup_deadline = Instant::now() + o.churn_timeout;
@@ -1510,9 +1426,7 @@ async fn churn(
     let obs = observers(members);
     let ids: Vec<String> = (0..k).map(|i| format!("churn-{i:03}")).collect();
     let spawn_all = |ids: &[String]| -> Result<Vec<Proc>> {
-        ids.iter()
-            .map(|id| Proc::spawn(&cx.url, "member", id))
-            .collect()
+        ids.iter().map(|id| child(&cx.url, "member", id)).collect()
     };
     let mut procs = spawn_all(&ids)?;
     let deadline = Instant::now() + o.churn_timeout;

@@ -26,16 +26,17 @@
 //! processes it kills.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
+
+mod common;
 
 use anyhow::{anyhow, bail, Context, Result};
 use shardlease::tokio_postgres::{AsyncMessage, Client, Config, NoTls};
 use shardlease::{Member, MemberConfig, View};
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+
+use common::{ms, stats, stats_json, Proc, Rng, Stats};
 
 /// Bound on every wait; a take-over slower than this counts as a failed run.
 const WAIT: Duration = Duration::from_secs(10);
@@ -75,7 +76,7 @@ impl Opts {
                 .with_context(|| format!("TAKEOVER_RUNS must be a positive integer, got {v:?}"))?,
             Err(_) => 30,
         };
-        let mut json = default_json_path();
+        let mut json = common::target_dir().join("takeover.json");
         let mut it = args.iter();
         while let Some(a) = it.next() {
             match a.as_str() {
@@ -95,24 +96,6 @@ impl Opts {
         }
         Ok(Opts { runs, json })
     }
-}
-
-/// `<target>/takeover.json`: the bench runs as `<target>/<profile>/deps/takeover-<hash>`.
-fn default_json_path() -> PathBuf {
-    if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
-        return PathBuf::from(dir).join("takeover.json");
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(target) = exe.ancestors().nth(3) {
-            if exe.parent().and_then(|p| p.file_name()) == Some("deps".as_ref()) {
-                return target.join("takeover.json");
-            }
-        }
-    }
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../target/takeover.json"
-    ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -146,58 +129,13 @@ async fn child_main(role: &str) -> Result<()> {
     std::process::exit(0)
 }
 
-struct Proc {
-    child: Child,
-    lines: Lines<BufReader<ChildStdout>>,
-    _stdin: ChildStdin,
-}
-
-impl Proc {
-    fn spawn(db: &Db, role: &str) -> Result<Proc> {
-        let exe = std::env::current_exe().context("bench binary path")?;
-        let mut child = Command::new(exe)
-            .args(["--child", role])
-            .env(ENV_URL, &db.url)
-            .env(ENV_GROUP, GROUP)
-            .env(ENV_MEMBER, VICTIM)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawn child process")?;
-        let stdout = child.stdout.take().context("child stdout")?;
-        let stdin = child.stdin.take().context("child stdin")?;
-        Ok(Proc {
-            child,
-            lines: BufReader::new(stdout).lines(),
-            _stdin: stdin,
-        })
-    }
-
-    async fn ready(&mut self) -> Result<()> {
-        loop {
-            match tokio::time::timeout(WAIT, self.lines.next_line()).await {
-                Err(_) => bail!("child printed no READY within {WAIT:?}"),
-                Ok(Ok(Some(line))) if line.starts_with("READY") => return Ok(()),
-                Ok(Ok(Some(_))) => continue,
-                Ok(Ok(None)) => bail!("child exited before READY"),
-                Ok(Err(e)) => bail!("reading child stdout: {e}"),
-            }
-        }
-    }
-
-    /// SIGKILL (one `kill(2)` call). Returns the instant just before the syscall.
-    fn kill9(&mut self) -> Result<Instant> {
-        let t0 = Instant::now();
-        self.child.start_kill().context("kill -9 child")?;
-        Ok(t0)
-    }
-
-    async fn reap(mut self) {
-        let _ = self.child.start_kill();
-        let _ = tokio::time::timeout(WAIT, self.child.wait()).await;
-    }
+/// A child of `role` (`lock` or `member`) on `db`.
+fn child(db: &Db, role: &str) -> Result<Proc> {
+    Proc::spawn(
+        role,
+        &["--child", role],
+        &[(ENV_URL, &db.url), (ENV_GROUP, GROUP), (ENV_MEMBER, VICTIM)],
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -253,9 +191,9 @@ struct Scenario {
 
 /// Floor A: kill -9 of a lock holder → a blocked `pg_advisory_lock` returns.
 async fn floor_lock(db: &Db) -> Result<Sample> {
-    let mut holder = Proc::spawn(db, "lock")?;
+    let mut holder = child(db, "lock")?;
     let result = async {
-        holder.ready().await?;
+        holder.ready(WAIT).await?;
         let waiter = connect(&db.pg, "takeover-bench lock waiter").await?;
         let observer = connect(&db.pg, "takeover-bench observer").await?;
         let pid: i32 = waiter
@@ -279,7 +217,7 @@ async fn floor_lock(db: &Db) -> Result<Sample> {
         })
     }
     .await;
-    holder.reap().await;
+    holder.reap(WAIT).await;
     result
 }
 
@@ -435,9 +373,9 @@ async fn crash(db: &Db, crash_check: Option<Duration>, rng: &mut Rng) -> Result<
     for i in 0..3 {
         survivors.push(Member::join(&db.pg, member_cfg(&format!("s{i}"), crash_check)).await?);
     }
-    let mut victim = Proc::spawn(db, "member")?;
+    let mut victim = child(db, "member")?;
     let result = async {
-        victim.ready().await?;
+        victim.ready(WAIT).await?;
         wait_all(&survivors, 4).await?;
         let before = survivors[0].view().generation;
         // Random phase against the survivors' crash-check ticks.
@@ -512,7 +450,7 @@ async fn crash(db: &Db, crash_check: Option<Duration>, rng: &mut Rng) -> Result<
         })
     }
     .await;
-    victim.reap().await;
+    victim.reap(WAIT).await;
     leave_all(survivors).await;
     result
 }
@@ -548,25 +486,6 @@ async fn leave(db: &Db) -> Result<Sample> {
 
 // ---------------------------------------------------------------------------------------
 // Driver, statistics, report
-
-/// xorshift64*, seeded from the clock: only for the random pre-kill delay.
-struct Rng(u64);
-
-impl Rng {
-    fn new() -> Rng {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0x9E37_79B9_7F4A_7C15);
-        Rng(seed | 1)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) % n
-    }
-}
 
 fn scenarios() -> Vec<Scenario> {
     let s = |key, label, kind| Scenario {
@@ -629,60 +548,12 @@ async fn run_one(kind: Kind, rng: &mut Rng) -> Result<Sample> {
     r
 }
 
-/// Nearest rank: the smallest sample with at least p% of the samples at or below it.
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
-}
-
-struct Stats {
-    p50: Duration,
-    p90: Duration,
-    p99: Duration,
-    max: Duration,
-    min: Duration,
-    mean: Duration,
-}
-
-fn stats(values: impl IntoIterator<Item = Duration>) -> Option<Stats> {
-    let mut v: Vec<Duration> = values.into_iter().collect();
-    if v.is_empty() {
-        return None;
-    }
-    v.sort();
-    Some(Stats {
-        p50: percentile(&v, 50.0),
-        p90: percentile(&v, 90.0),
-        p99: percentile(&v, 99.0),
-        max: *v.last().expect("non-empty"),
-        min: v[0],
-        mean: v.iter().sum::<Duration>() / v.len() as u32,
-    })
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
 fn fmt_ms(d: Duration) -> String {
     let m = ms(d);
     if m < 10.0 {
         format!("{m:.3} ms")
     } else {
         format!("{m:.1} ms")
-    }
-}
-
-fn stats_json(s: &Option<Stats>) -> serde_json::Value {
-    match s {
-        None => serde_json::Value::Null,
-        Some(s) => serde_json::json!({
-            "p50_ms": ms(s.p50), "p90_ms": ms(s.p90), "p99_ms": ms(s.p99),
-            "max_ms": ms(s.max), "min_ms": ms(s.min), "mean_ms": ms(s.mean),
-        }),
     }
 }
 
