@@ -171,15 +171,17 @@ pub struct Worker {
     child: Child,
     stdout: Lines,
     stderr: Lines,
+    /// The threads that collect stdout and stderr: they end at end of file.
+    readers: [std::thread::JoinHandle<()>; 2],
     exited: Option<ExitStatus>,
 }
 
-fn reader(stream: impl Read + Send + 'static, lines: Lines) {
+fn reader(stream: impl Read + Send + 'static, lines: Lines) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
             lines.lock().expect("lines").push(line);
         }
-    });
+    })
 }
 
 impl Worker {
@@ -211,13 +213,16 @@ impl Worker {
             .expect("spawn shardlease-worker");
         let stdout = Lines::default();
         let stderr = Lines::default();
-        reader(child.stdout.take().expect("stdout"), stdout.clone());
-        reader(child.stderr.take().expect("stderr"), stderr.clone());
+        let readers = [
+            reader(child.stdout.take().expect("stdout"), stdout.clone()),
+            reader(child.stderr.take().expect("stderr"), stderr.clone()),
+        ];
         Worker {
             name: name.to_owned(),
             child,
             stdout,
             stderr,
+            readers,
             exited: None,
         }
     }
@@ -324,6 +329,18 @@ impl Worker {
             .unwrap_or_else(|| panic!("worker {} did not exit within {timeout:?}", self.name))
     }
 
+    /// After the process exited: wait (at most 2 s; a child process of its own may still
+    /// hold the pipes) until everything it wrote to stdout and stderr has been collected,
+    /// so that what a test reads after the exit is all of it.
+    async fn collect_output(&self) {
+        let start = Instant::now();
+        while !self.readers.iter().all(|r| r.is_finished())
+            && start.elapsed() < Duration::from_secs(2)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Wait for the process to exit, at most `timeout`; `None` if it is still running.
     pub async fn exit_within(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let start = Instant::now();
@@ -333,6 +350,7 @@ impl Worker {
             }
             if let Some(s) = self.child.try_wait().expect("try_wait") {
                 self.exited = Some(s);
+                self.collect_output().await;
                 return Some(s);
             }
             if start.elapsed() > timeout {
