@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::signal_backend;
+use common::{backend_of, lease_live, signal_backend};
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -276,14 +276,7 @@ async fn a_leader_cut_off_from_the_database_steps_down_before_its_lease_expires(
     let b = Leader::join(&db.pg, fast("g", "b")).await.unwrap();
     settled(&a, &[&b], 2).await;
     let incarnation = incarnation_of(&admin, "a").await;
-    let pid: i32 = admin
-        .query_one(
-            "SELECT backend_pid FROM shardlease.leases WHERE member_id = 'a'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let pid = backend_of(&admin, "a").await;
     // The leader's session backend stops answering, its connection stays open: as a
     // partition without a reset, or a hung server, looks to the leader.
     signal_backend(pid, "STOP");
@@ -292,14 +285,7 @@ async fn a_leader_cut_off_from_the_database_steps_down_before_its_lease_expires(
             matches!(e.leadership, Leadership::Lost { .. })
         })
         .await;
-    let still_live: Option<bool> = admin
-        .query_opt(
-            "SELECT expires_at > clock_timestamp() FROM shardlease.leases WHERE incarnation = $1",
-            &[&incarnation],
-        )
-        .await
-        .unwrap()
-        .map(|r| r.get(0));
+    let still_live = lease_live(&admin, incarnation).await;
     let fence = a.fence();
     signal_backend(pid, "CONT");
     let lost = lost.expect("the leader reports Lost when it cannot renew, within 5 s");

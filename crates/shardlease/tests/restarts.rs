@@ -5,12 +5,11 @@
 
 mod common;
 
-use common::signal_backend;
+use common::{backend_of, lease_live, signal_backend};
 
 use std::time::Duration;
 
 use common::TestDb;
-use shardlease::tokio_postgres::Client;
 use shardlease::{Error, FenceReason, Member, MemberConfig, MemberState, View};
 use shardlease_testkit::{eventually, PrivateServer};
 
@@ -37,16 +36,6 @@ fn slot_of(m: &Member) -> u32 {
     m.view()
         .my_slot()
         .unwrap_or_else(|| panic!("{} is not joined: {:?}", m.member_id(), m.view()))
-}
-
-async fn backend_of(c: &Client, member: &str) -> i32 {
-    c.query_one(
-        "SELECT backend_pid FROM shardlease.leases WHERE member_id = $1",
-        &[&member],
-    )
-    .await
-    .unwrap_or_else(|e| panic!("the lease of {member}: {e}"))
-    .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,14 +235,7 @@ async fn a_member_cut_off_from_the_database_reports_lost_before_its_lease_expire
             matches!(v.state, MemberState::Lost { .. })
         })
         .await;
-    let still_live: Option<bool> = check
-        .query_opt(
-            "SELECT expires_at > clock_timestamp() FROM shardlease.leases WHERE incarnation = $1",
-            &[&incarnation],
-        )
-        .await
-        .unwrap()
-        .map(|r| r.get(0));
+    let still_live = lease_live(&check, incarnation).await;
     signal_backend(pid, "CONT");
     let lost = lost.expect("the member reports Lost when it cannot renew, within 5 s");
     assert_eq!(

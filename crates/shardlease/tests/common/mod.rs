@@ -133,6 +133,28 @@ pub async fn run_child_member() {
     member.leave().await.expect("child leave");
 }
 
+/// The server backend of `member`'s session (its lease's `backend_pid`).
+pub async fn backend_of(c: &shardlease::tokio_postgres::Client, member: &str) -> i32 {
+    c.query_one(
+        "SELECT backend_pid FROM shardlease.leases WHERE member_id = $1",
+        &[&member],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the lease of {member}: {e}"))
+    .get(0)
+}
+
+/// Whether the lease of `incarnation` is live by the database clock; `None` when it is gone.
+pub async fn lease_live(c: &shardlease::tokio_postgres::Client, incarnation: i64) -> Option<bool> {
+    c.query_opt(
+        "SELECT expires_at > clock_timestamp() FROM shardlease.leases WHERE incarnation = $1",
+        &[&incarnation],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the lease of incarnation {incarnation}: {e}"))
+    .map(|r| r.get(0))
+}
+
 /// Send `sig` to a server backend (the test runs as root, or as the server's OS user).
 pub fn signal_backend(pid: i32, sig: &str) {
     let status = Command::new("kill")
