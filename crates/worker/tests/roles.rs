@@ -33,6 +33,23 @@ async fn grant(db: &TestDb, args: &[&str]) -> String {
     out.stdout
 }
 
+/// A member role and an inspector role, both granted with `shardlease-worker grant`.
+async fn granted_roles(db: &TestDb) -> (TestRole, TestRole) {
+    let member = TestRole::create(db, "member").await;
+    let inspector = TestRole::create(db, "inspector").await;
+    grant(
+        db,
+        &[
+            "--member-role",
+            &member.name,
+            "--inspector-role",
+            &inspector.name,
+        ],
+    )
+    .await;
+    (member, inspector)
+}
+
 /// Every privilege `role` holds in the database, one line each, sorted.
 async fn privileges(c: &Client, role: &str) -> Vec<String> {
     c.query(
@@ -137,18 +154,7 @@ async fn worker_sessions(c: &Client) -> Vec<(i32, String)> {
 #[tokio::test]
 async fn a_worker_group_runs_as_the_member_role_through_a_kill_9_and_a_hang() {
     let db = seeded(300).await;
-    let member = TestRole::create(&db, "member").await;
-    let inspector = TestRole::create(&db, "inspector").await;
-    grant(
-        &db,
-        &[
-            "--member-role",
-            &member.name,
-            "--inspector-role",
-            &inspector.name,
-        ],
-    )
-    .await;
+    let (member, inspector) = granted_roles(&db).await;
     let c = db.client().await;
 
     let mut ws: Vec<Worker> = ["w1", "w2", "w3"]
@@ -346,18 +352,7 @@ async fn grant_gives_exactly_what_each_role_needs_and_is_idempotent() {
 #[tokio::test]
 async fn members_and_inspectors_create_alter_and_drop_nothing_and_write_only_ticks() {
     let db = seeded(10).await;
-    let member = TestRole::create(&db, "member").await;
-    let inspector = TestRole::create(&db, "inspector").await;
-    grant(
-        &db,
-        &[
-            "--member-role",
-            &member.name,
-            "--inspector-role",
-            &inspector.name,
-        ],
-    )
-    .await;
+    let (member, inspector) = granted_roles(&db).await;
     let c = db.client().await;
     let pg15: bool = c
         .query_one(
