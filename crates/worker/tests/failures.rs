@@ -196,6 +196,7 @@ async fn kill_9_survivors_take_over_and_the_restarted_worker_gets_its_items_back
     let excuse = Excuse {
         victim: "w2".into(),
         event: killed_at,
+        until: killed_at,
         bound,
         why: "crash take-over: the victim's last tick, detection, then the survivor's next tick",
     };
@@ -422,6 +423,7 @@ async fn sigstop_past_the_ttl_is_fenced_and_rejoins_after_sigcont() {
     let excuse = Excuse {
         victim: "w2".into(),
         event: stopped_at,
+        until: stopped_at,
         bound: t.max_before_event + TTL + DETECT + TICK + SLACK,
         why:
             "hang take-over: the lease expires by the database clock, then the survivor's next tick",

@@ -133,11 +133,15 @@ async fn a_postgres_restart_brings_every_worker_back_and_moves_almost_nothing() 
     // The audit invariants across the restart: no lost or duplicated increment, no two
     // writers of one item under one generation, no increment closer than half a tick. The
     // increments around the restart may be apart by as long as the group took to settle.
+    // The excused intervals are those that overlap the outage: the server goes down some
+    // time after `restart_at` (a tick may still commit in between), and is up again at about
+    // `restart_at + up_after` (pg_ctl polls, so a little before that).
     let excuses: Vec<Excuse> = NAMES
         .iter()
         .map(|n| Excuse {
             victim: n.to_string(),
             event: restart_at,
+            until: restart_at + up_after.as_secs_f64(),
             bound: settled_after.as_secs_f64() + TICK + SLACK,
             why: "PostgreSQL restart: the server's downtime, the rejoin, then the next tick",
         })

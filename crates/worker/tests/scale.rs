@@ -1,6 +1,6 @@
 //! 200 `shardlease-worker run` processes on one private PostgreSQL (the test kit's
 //! `PrivateServer`, `max_connections` 700): all join within 30 s, the server rests under
-//! half a core (utime + stime of every server process, from `/proc`, over 10 s), and all
+//! half a core (the on-CPU time of every server process, from `/proc/<pid>/schedstat`, over 10 s), and all
 //! leave on SIGTERM and exit 0. Worker settings are the defaults (heartbeat 1 s, TTL 5 s,
 //! tick 1 s, crash check 100 ms).
 //!

@@ -737,12 +737,14 @@ pub fn takeover(audit: &BTreeMap<Uuid, Vec<Inc>>, victim: &str, event: f64) -> T
     t
 }
 
-/// An interval of an item that may exceed the 1.5 s cadence bound: the one from `victim`'s
-/// last increment before `event` to the next increment, which may take up to `bound`.
+/// Intervals of an item that may exceed the 1.5 s cadence bound, up to `bound`: those from
+/// an increment by `victim` to the next increment that overlap the event, from `event` to
+/// `until` (database clock; the same for an instant, such as a kill).
 #[derive(Debug, Clone)]
 pub struct Excuse {
     pub victim: String,
     pub event: f64,
+    pub until: f64,
     pub bound: f64,
     pub why: &'static str,
 }
@@ -818,7 +820,7 @@ pub async fn check_audit(c: &Client, label: &str, excuses: &[Excuse], skip: &BTr
             );
             let excuse = excuses
                 .iter()
-                .find(|e| a.worker == e.victim && a.at <= e.event && e.event < b.at);
+                .find(|e| a.worker == e.victim && a.at <= e.until && e.event < b.at);
             let bound = excuse.map(|e| e.bound).unwrap_or(max_gap);
             assert!(
                 gap <= bound,
