@@ -29,8 +29,8 @@
 //!   the grant, in the same query string) reached all N listeners; k = ⌈N/10⌉ child
 //!   processes started until each is connected and holds a lock.
 //! - **cold start**: N `Member::join`s, 64 in flight, until every member's view shows N.
-//! - **at rest**: over `--rest-secs`, the cluster's CPU (utime + stime of the postmaster and
-//!   its children from `/proc`), the library's statements (top-level `calls` in
+//! - **at rest**: over `--rest-secs`, the cluster's CPU (on-CPU time of the postmaster and
+//!   its children, from `/proc/<pid>/schedstat`), the library's statements (top-level `calls` in
 //!   `pg_stat_statements` for the members' database) and transactions
 //!   (`pg_stat_database.xact_commit`), per member per second.
 //! - **kill -9**: a child-process member joins (N members), is killed; time until every
@@ -2135,7 +2135,7 @@ async fn bench(opts: Opts) -> Result<()> {
         },
         "member_config": "MemberConfig::new defaults (heartbeat 1 s, TTL 5 s, crash check 100 ms)",
         "statements": "pg_stat_statements calls (track = top) of the members' database; xact_commit from pg_stat_database",
-        "cpu": "utime + stime of the postmaster and its children, plus its reaped children, from /proc",
+        "cpu": "on-CPU time (/proc/<pid>/schedstat) of the postmaster and its live children, plus its reaped children's cutime + cstime",
         "sizes": results.iter().map(result_json).collect::<Vec<_>>(),
         "leases_lost_examples": examples,
     });
