@@ -23,7 +23,8 @@
 //! Per size N, in order:
 //!
 //! - **floors** on the quiet server: N plain connections opened (64 at a time) and
-//!   LISTENing; the cluster's CPU with those N idle connections; a committed row write with
+//!   LISTENing; the cluster's CPU with those N idle connections, then while each runs one
+//!   prepared `SELECT 1` a second (the heartbeat's rate); a committed row write with
 //!   NOTIFY until all N listeners have it; kill -9 of a child holding an advisory lock until
 //!   a connection blocked on that lock has it and its NOTIFY (sent by the server right after
 //!   the grant, in the same query string) reached all N listeners; k = ⌈N/10⌉ child
@@ -570,6 +571,8 @@ struct SizeResult {
     floor_connect: Option<Duration>,
     floor_connect_err: Option<String>,
     floor_idle_cores: Option<f64>,
+    /// The cluster's CPU while every floor connection runs one prepared `SELECT 1` a second.
+    floor_busy_cores: Option<f64>,
     floor_notify: Dist,
     floor_lock: Dist,
     floor_restart: Dist,
@@ -583,7 +586,8 @@ struct SizeResult {
     rest_statements: Option<f64>,
     rest_statements_err: Option<String>,
     rest_xacts: Option<f64>,
-    rest_top: Vec<(String, i64)>,
+    /// The busiest statements at rest: query, calls, mean execution time (ms).
+    rest_top: Vec<(String, i64, f64)>,
     rest_losses: u64,
     kill: Dist,
     join: Dist,
@@ -702,6 +706,37 @@ async fn open_listeners(
     (clients, errors)
 }
 
+/// The cluster's CPU over `window` while each of `clients` runs one prepared `SELECT 1` a
+/// second, their phases spread evenly over the second: what waking N backends once a second
+/// each costs the server, before any of the library's work (the members' heartbeat rate).
+async fn statement_a_second(cx: &Ctx<'_>, clients: &[Client], window: Duration) -> Result<f64> {
+    let n = clients.len().max(1) as f64;
+    let second = Duration::from_secs(1);
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    // One round first, so that every backend has its statement planned before the window.
+    let warm = 2 * second;
+    let stop = start + warm + window + second;
+    let load =
+        futures_util::future::join_all(clients.iter().enumerate().map(|(i, c)| async move {
+            let statement = c.prepare("SELECT 1").await?;
+            let mut tick = tokio::time::interval_at(start + second.mul_f64(i as f64 / n), second);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while tick.tick().await < stop {
+                c.query(&statement, &[]).await?;
+            }
+            anyhow::Ok(())
+        }));
+    let measure = async {
+        tokio::time::sleep_until(start + warm).await;
+        cx.server.measure_cpu(window).await
+    };
+    let (done, cpu) = tokio::join!(load, measure);
+    if let Some(e) = done.into_iter().find_map(Result::err) {
+        return Err(e.context("the one-statement-a-second floor"));
+    }
+    Ok(cpu?.cores())
+}
+
 /// The floors, on the quiet server (no member yet), with N LISTENing connections open.
 async fn floors(cx: &Ctx<'_>, n: usize, r: &mut SizeResult) -> Result<()> {
     let o = cx.opts;
@@ -730,6 +765,9 @@ async fn floors(cx: &Ctx<'_>, n: usize, r: &mut SizeResult) -> Result<()> {
         "  floor: idle server with {listening} connections: {:.3} core",
         cpu.cores()
     );
+    let busy = statement_a_second(cx, &listeners, o.rest).await?;
+    r.floor_busy_cores = Some(busy);
+    eprintln!("  floor: one SELECT 1 a second on each of {listening} connections: {busy:.3} core");
 
     // Row write + NOTIFY → all N listeners.
     cx.local
@@ -962,13 +1000,19 @@ async fn at_rest(cx: &Ctx<'_>, members: usize, r: &mut SizeResult) -> Result<()>
             r.rest_top = cx
                 .admin
                 .query(
-                    "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls FROM pg_stat_statements \
-                     WHERE dbid = $1 ORDER BY calls DESC LIMIT 5",
+                    "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, mean_exec_time \
+                     FROM pg_stat_statements WHERE dbid = $1 ORDER BY calls DESC LIMIT 5",
                     &[&cx.db_oid],
                 )
                 .await?
                 .iter()
-                .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1)))
+                .map(|row| {
+                    (
+                        row.get::<_, String>(0),
+                        row.get::<_, i64>(1),
+                        row.get::<_, f64>(2),
+                    )
+                })
                 .collect();
         }
         Err(e) => r.rest_statements_err = Some(format!("pg_stat_statements: {e}")),
@@ -1786,9 +1830,13 @@ fn rows(r: &SizeResult, listeners: usize) -> Vec<Row> {
         r.rest_cores
             .map(|c| format!("{c:.3} core"))
             .unwrap_or_else(|| "not measured".into()),
-        r.floor_idle_cores
-            .map(|c| format!("idle server, {listeners} idle connections: {c:.3} core"))
-            .unwrap_or_else(|| "-".into()),
+        match (r.floor_busy_cores, r.floor_idle_cores) {
+            (Some(b), Some(i)) => format!(
+                "1 SELECT 1/s on each of {listeners} connections: {b:.3} core (idle: {i:.3})"
+            ),
+            (None, Some(i)) => format!("idle server, {listeners} idle connections: {i:.3} core"),
+            _ => "-".into(),
+        },
         "≤ 0.25 core",
         verdict(r.rest_cores.is_some_and(|c| c <= 0.25)),
     );
@@ -1965,8 +2013,12 @@ fn print_report(results: &[SizeResult], opts: &Opts, header: &str, elapsed: Dura
                 r.cold_retries
             );
         }
-        for (q, calls) in &r.rest_top {
-            println!("  at rest: {calls:>8} calls  {}", truncate(q, 110));
+        for (q, calls, mean_ms) in &r.rest_top {
+            println!(
+                "  at rest: {calls:>8} calls, {:>5.0} µs each (server time)  {}",
+                mean_ms * 1e3,
+                truncate(q, 100)
+            );
         }
         if r.rest_losses > 0 {
             println!("  at rest: {} leases lost", r.rest_losses);
@@ -2015,6 +2067,7 @@ fn result_json(r: &SizeResult) -> serde_json::Value {
         "floor_connect_ms": r.floor_connect.map(ms),
         "floor_connect_error": r.floor_connect_err,
         "floor_idle_cores": r.floor_idle_cores,
+        "floor_busy_cores": r.floor_busy_cores,
         "floor_notify": r.floor_notify.json(),
         "floor_lock": r.floor_lock.json(),
         "floor_restart": r.floor_restart.json(),
