@@ -581,6 +581,11 @@ struct SizeResult {
     cold_join_errors: Vec<String>,
     /// Join attempts that failed transiently and were retried.
     cold_retries: usize,
+    /// The cluster's CPU over the cold start (cores).
+    cold_cores: Option<f64>,
+    /// The statements that took the most server time during the cold start: query, calls,
+    /// mean and total execution time (ms).
+    cold_top: Vec<(String, i64, f64, f64)>,
     joined: usize,
     rest_cores: Option<f64>,
     rest_statements: Option<f64>,
@@ -883,6 +888,12 @@ async fn floors(cx: &Ctx<'_>, n: usize, r: &mut SizeResult) -> Result<()> {
 async fn cold_start(cx: &Ctx<'_>, n: usize, r: &mut SizeResult) -> Vec<Member> {
     let o = cx.opts;
     let sem = Arc::new(Semaphore::new(o.join_concurrency));
+    let stmts_reset = cx
+        .admin
+        .batch_execute("SELECT pg_stat_statements_reset()")
+        .await
+        .is_ok();
+    let cpu0 = cx.server.cpu_time().ok();
     let t0 = Instant::now();
     let deadline = t0 + o.cold_timeout;
     let mut set = JoinSet::new();
@@ -949,6 +960,13 @@ async fn cold_start(cx: &Ctx<'_>, n: usize, r: &mut SizeResult) -> Vec<Member> {
         Err(e) => Err(e.context(format!("cold start not done within {:?}", o.cold_timeout))),
     };
     r.cold.push(res);
+    let wall = t0.elapsed();
+    if let (Some(c0), Ok(c1)) = (cpu0, cx.server.cpu_time()) {
+        r.cold_cores = Some((c1.saturating_sub(c0)).as_secs_f64() / wall.as_secs_f64());
+    }
+    if stmts_reset {
+        r.cold_top = busiest(cx, "total_exec_time", 5).await.unwrap_or_default();
+    }
     eprintln!(
         "  cold start: {} ({} of {n} joined, {} retried attempts; all joins returned: {})",
         r.cold.summary(),
@@ -959,6 +977,24 @@ async fn cold_start(cx: &Ctx<'_>, n: usize, r: &mut SizeResult) -> Vec<Member> {
             .unwrap_or_else(|| "no".into())
     );
     members
+}
+
+/// The members' database's busiest statements since the last `pg_stat_statements_reset()`,
+/// by `order` (a pg_stat_statements column): query, calls, mean and total execution time (ms).
+async fn busiest(cx: &Ctx<'_>, order: &str, limit: i64) -> Result<Vec<(String, i64, f64, f64)>> {
+    Ok(cx
+        .admin
+        .query(
+            &format!(
+                "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, mean_exec_time, total_exec_time \
+                 FROM pg_stat_statements WHERE dbid = $1 ORDER BY {order} DESC LIMIT $2"
+            ),
+            &[&cx.db_oid, &limit],
+        )
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+        .collect())
 }
 
 /// CPU, statements and transactions at rest.
@@ -997,22 +1033,10 @@ async fn at_rest(cx: &Ctx<'_>, members: usize, r: &mut SizeResult) -> Result<()>
                 .await?
                 .get(0);
             r.rest_statements = Some(calls as f64 / members.max(1) as f64 / secs);
-            r.rest_top = cx
-                .admin
-                .query(
-                    "SELECT regexp_replace(query, '\\s+', ' ', 'g'), calls, mean_exec_time \
-                     FROM pg_stat_statements WHERE dbid = $1 ORDER BY calls DESC LIMIT 5",
-                    &[&cx.db_oid],
-                )
+            r.rest_top = busiest(cx, "calls", 5)
                 .await?
-                .iter()
-                .map(|row| {
-                    (
-                        row.get::<_, String>(0),
-                        row.get::<_, i64>(1),
-                        row.get::<_, f64>(2),
-                    )
-                })
+                .into_iter()
+                .map(|(q, calls, mean, _)| (q, calls, mean))
                 .collect();
         }
         Err(e) => r.rest_statements_err = Some(format!("pg_stat_statements: {e}")),
@@ -2013,6 +2037,17 @@ fn print_report(results: &[SizeResult], opts: &Opts, header: &str, elapsed: Dura
                 r.cold_retries
             );
         }
+        if let Some(c) = r.cold_cores {
+            println!("  cold start: the server used {c:.2} cores on average");
+        }
+        for (q, calls, mean_ms, total_ms) in &r.cold_top {
+            println!(
+                "  cold start: {:>6.2} s in {calls:>6} calls, {:>6.0} µs each (server time)  {}",
+                total_ms / 1e3,
+                mean_ms * 1e3,
+                truncate(q, 90)
+            );
+        }
         for (q, calls, mean_ms) in &r.rest_top {
             println!(
                 "  at rest: {calls:>8} calls, {:>5.0} µs each (server time)  {}",
@@ -2081,6 +2116,8 @@ fn result_json(r: &SizeResult) -> serde_json::Value {
         "rest_statements_error": r.rest_statements_err,
         "rest_xact_commit_per_member_s": r.rest_xacts,
         "rest_top_statements": r.rest_top,
+        "cold_cores": r.cold_cores,
+        "cold_top_statements": r.cold_top,
         "rest_losses": r.rest_losses,
         "kill": r.kill.json(),
         "join": r.join.json(),
