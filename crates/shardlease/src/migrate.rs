@@ -184,6 +184,10 @@ pub const LIBRARY_PROBES: &[BaselineProbe] = &[
         version: 6,
         sql: "SELECT to_regprocedure('shardlease.await_departure(text,bigint,integer,integer)') IS NOT NULL",
     },
+    BaselineProbe {
+        version: 7,
+        sql: "SELECT to_regprocedure('shardlease.announce_burst()') IS NOT NULL",
+    },
 ];
 
 /// Apply the library's migrations. Idempotent, and safe when many processes run it at once:

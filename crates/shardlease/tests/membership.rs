@@ -810,3 +810,113 @@ async fn a_hand_edited_slot_count_is_an_error_not_a_panic() {
     b.leave().await.unwrap();
     a.leave().await.unwrap();
 }
+
+/// Join announcements (V7): a join is announced in its own transaction while the group's
+/// credit lasts, so that a lone join, even right after a departure, reaches the members at
+/// once; a burst takes the credit (`announce_burst`, 8) and the rest of it waits for the gap
+/// (250 ms at 1,000 slots), to be flushed by the checkers. Checked on the rows, not on timing:
+/// a join was announced at once when `announced_generation` caught up with `generation` in
+/// the join's own transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joins_are_announced_at_once_until_a_burst_uses_the_credit() {
+    let db = TestDb::migrated().await;
+    let c = db.client().await;
+    let protocol = shardlease::protocol::PROTOCOL_VERSION;
+    // Every lease on this one backend: only the rows matter here, not liveness.
+    let join = |member: String| {
+        let c = &c;
+        async move {
+            let generation: i64 = c
+                .query_one(
+                    "SELECT generation FROM shardlease.join('g', $1, '1 hour', '{}', $2)",
+                    &[&member, &protocol],
+                )
+                .await
+                .unwrap_or_else(|e| panic!("join {member}: {e}"))
+                .get(0);
+            // The join has committed, and nothing else runs: the group row as it left it.
+            let announced: i64 = c
+                .query_one(
+                    "SELECT announced_generation FROM shardlease.groups WHERE name = 'g'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            generation == announced
+        }
+    };
+    join("first".into()).await;
+    // A group of 1,000 slots (a hand edit: only the gap depends on it), its credit full.
+    c.batch_execute(
+        "UPDATE shardlease.groups SET slot_count = 1000, announce_credit = shardlease.announce_burst(), \
+           announce_credit_at = clock_timestamp()",
+    )
+    .await
+    .unwrap();
+
+    // A departure, then a lone join right after it: both announced at once (V6 held the
+    // join back for 250 ms, the departure's announcement being that recent).
+    let inc: i64 = c
+        .query_one(
+            "SELECT incarnation FROM shardlease.leases WHERE member_id = 'first'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    c.query_one("SELECT shardlease.evict($1)", &[&inc])
+        .await
+        .unwrap();
+    assert!(
+        join("lone".into()).await,
+        "a lone join right after a departure was not announced at once"
+    );
+
+    // A burst of 12 joins: the credit (7 left after the lone join, plus one per 250 ms of
+    // the burst) is announced at once, and not one join more.
+    let t0 = Instant::now();
+    let mut at_once = Vec::new();
+    for i in 0..12 {
+        at_once.push(join(format!("burst{i}")).await);
+    }
+    let took = t0.elapsed();
+    let refill = (took.as_secs_f64() / 0.25).ceil() as usize;
+    assert!(
+        at_once[..7].iter().all(|a| *a),
+        "a burst: joins announced at once {at_once:?}; the first 7 (the credit left) must be"
+    );
+    let announced_at_once = at_once.iter().filter(|a| **a).count();
+    assert!(
+        (7..=7 + refill).contains(&announced_at_once),
+        "a burst of 12 joins over {took:?}: {announced_at_once} announced at once, expected 7 \
+         (the credit left) to {} (plus its refill over the burst)",
+        7 + refill
+    );
+    if took < Duration::from_millis(1000) {
+        assert!(
+            announced_at_once < 12,
+            "every join of a 12-join burst over {took:?} was announced at once: no throttle"
+        );
+    }
+
+    // The queued joins go out with the checkers' flush once the gap has passed.
+    eventually(
+        WAIT,
+        "the checkers' flush to announce the queued joins",
+        || async {
+            c.query_one("SELECT shardlease.flush_announcements('g')", &[])
+                .await
+                .unwrap();
+            let r = c
+            .query_one(
+                "SELECT generation = announced_generation FROM shardlease.groups WHERE name = 'g'",
+                &[],
+            )
+            .await
+            .unwrap();
+            r.get::<_, bool>(0)
+        },
+    )
+    .await;
+}
