@@ -15,13 +15,15 @@
 -- queued, as before, and the checkers flush it once the gap has passed. So a burst of joins
 -- still wakes a group of S members at most announce_burst() times, and then at most once per
 -- gap (4 times a second at S >= 250), while joins that come one at a time are announced at
--- once. Departures are announced at once, as before, and take no credit.
+-- once. Departures are announced at once, as before, and take no credit. The burst is small
+-- (2) on purpose: a restart storm, where 100 members come back beside 900 that must keep
+-- renewing, may send only that many announcements more than V6 did.
 
 -- The most join announcements a group sends back to back before the rest wait for the gap.
 CREATE FUNCTION shardlease.announce_burst() RETURNS float8
-LANGUAGE sql IMMUTABLE AS $$ SELECT 8::float8 $$;
+LANGUAGE sql IMMUTABLE AS $$ SELECT 2::float8 $$;
 COMMENT ON FUNCTION shardlease.announce_burst() IS
-  'The size of a group''s join-announcement credit (8): joins that come in a burst are announced at once up to this many, then at most once per announce_gap.';
+  'The size of a group''s join-announcement credit (2): joins that come in a burst are announced at once up to this many, then at most once per announce_gap.';
 REVOKE EXECUTE ON FUNCTION shardlease.announce_burst() FROM PUBLIC;
 
 ALTER TABLE shardlease.groups

@@ -813,7 +813,7 @@ async fn a_hand_edited_slot_count_is_an_error_not_a_panic() {
 
 /// Join announcements (V7): a join is announced in its own transaction while the group's
 /// credit lasts, so that a lone join, even right after a departure, reaches the members at
-/// once; a burst takes the credit (`announce_burst`, 8) and the rest of it waits for the gap
+/// once; a burst takes the credit (`announce_burst`, 2) and the rest of it waits for the gap
 /// (250 ms at 1,000 slots), to be flushed by the checkers. Checked on the rows, not on timing:
 /// a join was announced at once when `announced_generation` caught up with `generation` in
 /// the join's own transaction.
@@ -873,8 +873,14 @@ async fn joins_are_announced_at_once_until_a_burst_uses_the_credit() {
         "a lone join right after a departure was not announced at once"
     );
 
-    // A burst of 12 joins: the credit (7 left after the lone join, plus one per 250 ms of
-    // the burst) is announced at once, and not one join more.
+    // A burst of 12 joins: the credit left after the lone join (announce_burst() - 1), plus
+    // one per 250 ms of the burst, is announced at once, and not one join more.
+    let burst: f64 = c
+        .query_one("SELECT shardlease.announce_burst()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let left = burst as usize - 1;
     let t0 = Instant::now();
     let mut at_once = Vec::new();
     for i in 0..12 {
@@ -883,15 +889,15 @@ async fn joins_are_announced_at_once_until_a_burst_uses_the_credit() {
     let took = t0.elapsed();
     let refill = (took.as_secs_f64() / 0.25).ceil() as usize;
     assert!(
-        at_once[..7].iter().all(|a| *a),
-        "a burst: joins announced at once {at_once:?}; the first 7 (the credit left) must be"
+        at_once[..left].iter().all(|a| *a),
+        "a burst: joins announced at once {at_once:?}; the first {left} (the credit left) must be"
     );
     let announced_at_once = at_once.iter().filter(|a| **a).count();
     assert!(
-        (7..=7 + refill).contains(&announced_at_once),
-        "a burst of 12 joins over {took:?}: {announced_at_once} announced at once, expected 7 \
+        (left..=left + refill).contains(&announced_at_once),
+        "a burst of 12 joins over {took:?}: {announced_at_once} announced at once, expected {left} \
          (the credit left) to {} (plus its refill over the burst)",
-        7 + refill
+        left + refill
     );
     if took < Duration::from_millis(1000) {
         assert!(
