@@ -86,6 +86,7 @@ fn read_runtime(pid: u32) -> io::Result<Option<Duration>> {
         Err(e) => return Err(e),
     };
     let mut total = Duration::ZERO;
+    let mut read_any = false;
     for task in tasks {
         let Ok(task) = task else { continue };
         // A thread may exit between listing and reading: skip it.
@@ -103,6 +104,17 @@ fn read_runtime(pid: u32) -> io::Result<Option<Duration>> {
                 ))
             })?;
         total += Duration::from_nanos(ns);
+        read_any = true;
+    }
+    if !read_any {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return Ok(None);
+        }
+        // Never read as zero: a CPU figure of nothing would pass every bound.
+        return Err(io::Error::other(format!(
+            "no /proc/{pid}/task/*/schedstat: this kernel keeps no scheduler statistics \
+             (CONFIG_SCHED_INFO), so the cluster's CPU time cannot be measured"
+        )));
     }
     Ok(Some(total))
 }
