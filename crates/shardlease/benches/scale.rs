@@ -581,6 +581,10 @@ struct SizeResult {
     cold_join_errors: Vec<String>,
     /// Join attempts that failed transiently and were retried.
     cold_retries: usize,
+    /// The heartbeats during the churn rounds: calls, mean and max server time (ms).
+    churn_heartbeat: Option<(i64, f64, f64)>,
+    /// How late a 10 ms timer of this process fired at most during the churn rounds.
+    churn_timer_late: Option<Duration>,
     /// The cluster's CPU over the cold start (cores).
     cold_cores: Option<f64>,
     /// The statements that took the most server time during the cold start: query, calls,
@@ -1511,6 +1515,28 @@ async fn churn(
     )
     .await?;
 
+    // Where a survivor's renewal waits during the churn: the server's time per heartbeat
+    // (pg_stat_statements, from here on), and this process's runtime, where every in-process
+    // member runs (how late a 10 ms timer fires).
+    let stmts_reset = cx
+        .admin
+        .batch_execute("SELECT pg_stat_statements_reset()")
+        .await
+        .is_ok();
+    let late_us = Arc::new(AtomicU64::new(0));
+    let lateness = tokio::spawn({
+        let late_us = late_us.clone();
+        async move {
+            let mut next = tokio::time::Instant::now();
+            loop {
+                next += Duration::from_millis(10);
+                tokio::time::sleep_until(next).await;
+                let late = tokio::time::Instant::now().saturating_duration_since(next);
+                late_us.fetch_max(late.as_micros() as u64, Ordering::Relaxed);
+                next = next.max(tokio::time::Instant::now());
+            }
+        }
+    });
     let phase = Instant::now();
     for round in 0..o.churn_rounds {
         if r.churn.stop(phase, o.phase) {
@@ -1572,6 +1598,28 @@ async fn churn(
         );
         r.churn.push(res);
     }
+    lateness.abort();
+    r.churn_timer_late = Some(Duration::from_micros(late_us.load(Ordering::Relaxed)));
+    if stmts_reset {
+        r.churn_heartbeat = cx
+            .admin
+            .query_opt(
+                "SELECT calls, mean_exec_time, max_exec_time FROM pg_stat_statements \
+                 WHERE dbid = $1 AND query LIKE '%shardlease.heartbeat(%' ORDER BY calls DESC LIMIT 1",
+                &[&cx.db_oid],
+            )
+            .await?
+            .map(|row| (row.get(0), row.get(1), row.get(2)));
+    }
+    eprintln!(
+        "  churn: heartbeats {}; this process's 10 ms timer fired up to {} late",
+        r.churn_heartbeat
+            .map(|(calls, mean, max)| format!(
+                "{calls} calls, {mean:.2} ms mean and {max:.0} ms max server time"
+            ))
+            .unwrap_or_else(|| "not measured".into()),
+        r.churn_timer_late.map(fmt_d).unwrap_or_else(|| "?".into())
+    );
     for p in procs {
         p.reap(o.timeout).await;
     }
@@ -2095,7 +2143,7 @@ fn result_json(r: &SizeResult) -> serde_json::Value {
             })
         })
         .collect();
-    serde_json::json!({
+    let mut doc = serde_json::json!({
         "n": r.n,
         "elapsed_s": r.elapsed.as_secs_f64(),
         "table": rows,
@@ -2136,7 +2184,11 @@ fn result_json(r: &SizeResult) -> serde_json::Value {
         "notes": r.notes,
         "library_log": r.library_log,
         "server_log": r.server_log,
-    })
+    });
+    // Added apart: one more key in the literal above exceeds json!'s recursion limit.
+    doc["churn_heartbeat_calls_mean_max_ms"] = serde_json::json!(r.churn_heartbeat);
+    doc["churn_timer_late_ms"] = serde_json::json!(r.churn_timer_late.map(ms));
+    doc
 }
 
 async fn bench(opts: Opts) -> Result<()> {
