@@ -909,11 +909,7 @@ async fn floors(cx: &Ctx<'_>, n: usize, r: &mut SizeResult) -> Result<()> {
 async fn cold_start(cx: &Ctx<'_>, n: usize, r: &mut SizeResult) -> Vec<Member> {
     let o = cx.opts;
     let sem = Arc::new(Semaphore::new(o.join_concurrency));
-    let stmts_reset = cx
-        .admin
-        .batch_execute("SELECT pg_stat_statements_reset()")
-        .await
-        .is_ok();
+    let stmts_reset = reset_statements(cx).await.is_ok();
     let cpu0 = cx.server.cpu_time().ok();
     let t0 = Instant::now();
     let deadline = t0 + o.cold_timeout;
@@ -1000,6 +996,13 @@ async fn cold_start(cx: &Ctx<'_>, n: usize, r: &mut SizeResult) -> Vec<Member> {
     members
 }
 
+/// Start `pg_stat_statements` afresh, for a phase's own statement counts (see [`busiest`]).
+async fn reset_statements(cx: &Ctx<'_>) -> Result<(), shardlease::tokio_postgres::Error> {
+    cx.admin
+        .batch_execute("SELECT pg_stat_statements_reset()")
+        .await
+}
+
 /// The members' database's busiest statements since the last `pg_stat_statements_reset()`,
 /// by `order` (a pg_stat_statements column): query, calls, mean and total execution time (ms).
 async fn busiest(cx: &Ctx<'_>, order: &str, limit: i64) -> Result<Vec<(String, i64, f64, f64)>> {
@@ -1023,10 +1026,7 @@ async fn at_rest(cx: &Ctx<'_>, members: usize, r: &mut SizeResult) -> Result<()>
     let o = cx.opts;
     // Let the joins' last refreshes pass: one heartbeat and a bit.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let stmts_ok = cx
-        .admin
-        .batch_execute("SELECT pg_stat_statements_reset()")
-        .await;
+    let stmts_ok = reset_statements(cx).await;
     let xacts = || async {
         cx.admin
             .query_one(
@@ -1536,11 +1536,7 @@ async fn churn(
     // Where a survivor's renewal waits during the churn: the server's time per heartbeat
     // (pg_stat_statements, from here on), and this process's runtime, where every in-process
     // member runs (how late a 10 ms timer fires).
-    let stmts_reset = cx
-        .admin
-        .batch_execute("SELECT pg_stat_statements_reset()")
-        .await
-        .is_ok();
+    let stmts_reset = reset_statements(cx).await.is_ok();
     let late_us = Arc::new(AtomicU64::new(0));
     let lateness = tokio::spawn({
         let late_us = late_us.clone();
