@@ -11,14 +11,23 @@
 //! (kill -9, join and leave), `--floor-reps 30` [5], `--rest-secs 20` [3], `--hold-secs 10`
 //! [3], `--contended-events 20` [5], `--churn-rounds 2` [1], `--phase-secs 60` [20],
 //! `--timeout-ms 10000`, `--cold-timeout-secs 60`, `--churn-timeout-secs 30`,
-//! `--join-concurrency 64`, `--max-connections 2300` (of the private cluster; N + 100 and a
-//! few more are needed), `--json <target>/scale.json`.
+//! `--join-concurrency 64`, `--child-nice 19`, `--max-connections 2300` (of the private
+//! cluster; N + 100 and a few more are needed), `--json <target>/scale.json`.
 //!
 //! Needs nothing running: it starts a private PostgreSQL cluster (the test kit's
 //! `PrivateServer`, `max_connections` 2300, `pg_stat_statements` preloaded), with a fresh
 //! database per size. Members use `MemberConfig::new` (heartbeat 1 s, TTL 5 s, crash check
 //! 100 ms). In-process members share this process's runtime; the members that are killed
 //! with SIGKILL are real child processes (this binary re-executed with `--child member`).
+//!
+//! The child processes run at `--child-nice` (19 by default: the lowest priority). They stand
+//! in for members on other machines, whose start-up costs the survivors nothing. On one
+//! machine it does: the kernel's autogroup scheduling puts this process and its children in
+//! one group, where CPU is shared per thread, so 100 children starting at once left the
+//! survivors' 2 runtime threads a small share of it. Their renewals then came back after the
+//! lease budget (TTL − 1 s), and up to a third of the survivors lost their leases while the
+//! server answered every heartbeat within 60 ms. `--child-nice 0` measures that case. The
+//! server runs in its own session, so its share is the same either way.
 //!
 //! Per size N, in order:
 //!
@@ -121,6 +130,9 @@ struct Opts {
     cold_timeout: Duration,
     churn_timeout: Duration,
     join_concurrency: usize,
+    /// The scheduling priority (nice) of the child processes: they stand in for members on
+    /// other machines (see the module documentation).
+    child_nice: i32,
     /// The private cluster's max_connections.
     max_connections: u32,
     json: PathBuf,
@@ -147,6 +159,7 @@ impl Opts {
             cold_timeout: Duration::from_secs(60),
             churn_timeout: Duration::from_secs(30),
             join_concurrency: 64,
+            child_nice: 19,
             max_connections: 2300,
             json: target_dir().join("scale.json"),
         };
@@ -186,6 +199,14 @@ impl Opts {
                 "--churn-timeout-secs" => o.churn_timeout = Duration::from_secs(num(a, value(a)?)?),
                 "--join-concurrency" => o.join_concurrency = num(a, value(a)?)? as usize,
                 "--max-connections" => o.max_connections = num(a, value(a)?)? as u32,
+                "--child-nice" => {
+                    let v = value(a)?;
+                    o.child_nice = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (0..=19).contains(n))
+                        .with_context(|| format!("--child-nice must be 0 to 19, got {v:?}"))?;
+                }
                 "--json" => o.json = value(a)?.into(),
                 // `cargo bench` passes `--bench`.
                 "--quick" | "--bench" => {}
@@ -193,7 +214,7 @@ impl Opts {
                     "unknown flag {other:?}; flags: --sizes 10,100,1000 --quick --reps N \
                      --floor-reps N --rest-secs S --hold-secs S --churn-rounds N --contended-events N \
                      --phase-secs S --timeout-ms MS \
-                     --cold-timeout-secs S --churn-timeout-secs S --join-concurrency N --max-connections N --json PATH"
+                     --cold-timeout-secs S --churn-timeout-secs S --join-concurrency N --child-nice N --max-connections N --json PATH"
                 ),
                 _ => {} // a bench filter: ignored
             }
@@ -267,9 +288,14 @@ async fn child_main(args: &[String]) -> Result<()> {
     std::process::exit(0)
 }
 
-/// A child `--child <role> <url> <arg>`.
-fn child(url: &str, role: &str, arg: &str) -> Result<Proc> {
-    Proc::spawn(&format!("{role} {arg}"), &["--child", role, url, arg], &[])
+/// A child `--child <role> <url> <arg>` on the members' database, at `--child-nice`.
+fn child(cx: &Ctx<'_>, role: &str, arg: &str) -> Result<Proc> {
+    Proc::spawn_nice(
+        &format!("{role} {arg}"),
+        &["--child", role, &cx.url, arg],
+        &[],
+        cx.opts.child_nice,
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -837,7 +863,7 @@ async fn floors(cx: &Ctx<'_>, n: usize, r: &mut SizeResult) -> Result<()> {
         if r.floor_lock.stop(phase, o.phase) {
             break;
         }
-        let mut holder = child(&cx.url, "lock", "1")?;
+        let mut holder = child(cx, "lock", "1")?;
         let res = async {
             holder.ready(o.timeout).await?;
             let payload = format!("k{rep}");
@@ -876,7 +902,7 @@ async fn floors(cx: &Ctx<'_>, n: usize, r: &mut SizeResult) -> Result<()> {
         let res = async {
             let mut procs = Vec::new();
             for i in 0..k {
-                procs.push(child(&cx.url, "lock", &(100 + i).to_string())?);
+                procs.push(child(cx, "lock", &(100 + i).to_string())?);
             }
             let deadline = t0 + o.churn_timeout;
             let mut result = Ok(());
@@ -1082,7 +1108,7 @@ async fn at_rest(cx: &Ctx<'_>, members: usize, r: &mut SizeResult) -> Result<()>
 /// Returns the instant of the kill and the time until the last view.
 async fn kill_once(cx: &Ctx<'_>, obs: &[(String, Rx)], id: &str) -> Result<(Instant, Duration)> {
     let o = cx.opts;
-    let mut p = child(&cx.url, "member", id)?;
+    let mut p = child(cx, "member", id)?;
     let res = async {
         p.ready(o.timeout).await?;
         let want = id.to_owned();
@@ -1245,7 +1271,7 @@ async fn contended(cx: &Ctx<'_>, members: &[Member], r: &mut SizeResult) -> Resu
     }
     let mut victims = Vec::new();
     for i in 0..events {
-        victims.push(child(&cx.url, "member", &format!("c-victim-{i}"))?);
+        victims.push(child(cx, "member", &format!("c-victim-{i}"))?);
     }
     // Not measured: as long as a churn round may take.
     let setup_deadline = Instant::now() + o.churn_timeout;
@@ -1516,7 +1542,7 @@ async fn churn(
     let obs = observers(members);
     let ids: Vec<String> = (0..k).map(|i| format!("churn-{i:03}")).collect();
     let spawn_all = |ids: &[String]| -> Result<Vec<Proc>> {
-        ids.iter().map(|id| child(&cx.url, "member", id)).collect()
+        ids.iter().map(|id| child(cx, "member", id)).collect()
     };
     let mut procs = spawn_all(&ids)?;
     let deadline = Instant::now() + o.churn_timeout;
@@ -2045,13 +2071,14 @@ fn print_report(results: &[SizeResult], opts: &Opts, header: &str, elapsed: Dura
     println!();
     println!("{header}");
     println!(
-        "membership at scale: sizes {:?}, {} reps, {} floor reps, rest {:?}, hold {:?}, {} churn rounds{}; {:.0} s in all",
+        "membership at scale: sizes {:?}, {} reps, {} floor reps, rest {:?}, hold {:?}, {} churn rounds, child processes at nice {}{}; {:.0} s in all",
         opts.sizes,
         opts.reps,
         opts.floor_reps,
         opts.rest,
         opts.hold,
         opts.churn_rounds,
+        opts.child_nice,
         if opts.quick { " (--quick)" } else { "" },
         elapsed.as_secs_f64()
     );
@@ -2290,7 +2317,7 @@ async fn bench(opts: Opts) -> Result<()> {
             "hold_s": opts.hold.as_secs_f64(), "churn_rounds": opts.churn_rounds,
             "timeout_ms": ms(opts.timeout), "cold_timeout_s": opts.cold_timeout.as_secs_f64(),
             "churn_timeout_s": opts.churn_timeout.as_secs_f64(),
-            "join_concurrency": opts.join_concurrency,
+            "join_concurrency": opts.join_concurrency, "child_nice": opts.child_nice,
             "max_connections": opts.max_connections,
         },
         "member_config": "MemberConfig::new defaults (heartbeat 1 s, TTL 5 s, crash check 100 ms)",

@@ -40,8 +40,22 @@ pub struct Proc {
 impl Proc {
     /// Start the child; `name` is for messages.
     pub fn spawn(name: &str, args: &[&str], envs: &[(&str, &str)]) -> Result<Proc> {
+        Proc::spawn_nice(name, args, envs, 0)
+    }
+
+    /// Start the child at scheduling priority `nice` (0: this process's own; higher: lower
+    /// priority), through `nice(1)`, which execs the binary in place, so the child's pid is
+    /// the one a kill -9 goes to.
+    pub fn spawn_nice(name: &str, args: &[&str], envs: &[(&str, &str)], nice: i32) -> Result<Proc> {
         let exe = std::env::current_exe().context("bench binary path")?;
-        let mut child = Command::new(exe)
+        let mut cmd = if nice == 0 {
+            Command::new(exe)
+        } else {
+            let mut c = Command::new("nice");
+            c.arg("-n").arg(nice.to_string()).arg(exe);
+            c
+        };
+        let mut child = cmd
             .args(args)
             .envs(envs.iter().copied())
             .stdin(Stdio::piped())
