@@ -322,6 +322,12 @@ impl Driver {
                 },
             };
             if let Next::Lost(reason) = next {
+                if self.abort.is_cancelled() {
+                    // Dropped while a handler ran: whatever failed under it is the drop's
+                    // doing (its connection is going away), not a lost lease to report.
+                    self.publish_state(MemberState::Left);
+                    return Ok(());
+                }
                 tracing::warn!(group = %self.cfg.group, member = %self.cfg.member_id, %reason, "lease lost; fenced work stops, rejoining");
                 metrics::counter!("shardlease_losses_total", "group" => self.cfg.group.clone())
                     .increment(1);
