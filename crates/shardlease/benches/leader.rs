@@ -37,7 +37,7 @@ use shardlease::{DbConfig, Election, Leader, LeaderConfig, Leadership, Member, M
 use shardlease_testkit::PrivateServer;
 use tokio::task::JoinHandle;
 
-use common::{ms, stats, stats_json, Proc, Rng, Stats};
+use common::{ms, recreate_database, stats, stats_json, Proc, Rng, Stats};
 
 /// Bound on every wait; a hand-over slower than this counts as a failed run.
 const WAIT: Duration = Duration::from_secs(30);
@@ -433,12 +433,7 @@ async fn at_rest(
     leaders: bool,
     window: Duration,
 ) -> Result<Rest> {
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await?;
+    recreate_database(admin, db).await?;
     let pg = shardlease::parse_database_url(&server.url_of(db))?;
     let mut c = shardlease::connect_client(&pg, "leader-bench migrate").await?;
     shardlease::migrate(&mut c).await?;
@@ -564,12 +559,7 @@ async fn bench(opts: Opts) -> Result<()> {
         .await
         .context("pg_stat_statements")?;
     let version: String = admin.query_one("SELECT version()", &[]).await?.get(0);
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {DB} WITH (FORCE)"))
-        .await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {DB}"))
-        .await?;
+    recreate_database(&admin, DB).await?;
     let url = server.url_of(DB);
     let pg = shardlease::parse_database_url(&url)?;
     let mut c = shardlease::connect_client(&pg, "leader-bench migrate").await?;

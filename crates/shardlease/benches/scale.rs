@@ -88,7 +88,7 @@ use shardlease_testkit::PrivateServer;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
-use common::{ms, percentile, target_dir, Proc};
+use common::{ms, percentile, recreate_database, target_dir, Proc};
 
 const GROUP: &str = "scale";
 const FLOOR_CHANNEL: &str = "scale_floor";
@@ -1748,18 +1748,6 @@ async fn churn(
     for p in procs {
         p.reap(o.timeout).await;
     }
-    Ok(())
-}
-
-/// Drops `name` if a previous run left it behind, and creates it empty. Two statements:
-/// neither may run inside the implicit transaction of a multi-statement simple query.
-async fn recreate_database(admin: &Client, name: &str) -> Result<()> {
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await?;
     Ok(())
 }
 

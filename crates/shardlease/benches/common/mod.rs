@@ -12,6 +12,21 @@ use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
+/// Drops `name` if a previous run left it behind, and creates it empty. Two statements:
+/// neither may run inside the implicit transaction of a multi-statement simple query.
+pub async fn recreate_database(
+    admin: &shardlease::tokio_postgres::Client,
+    name: &str,
+) -> Result<()> {
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
+    Ok(())
+}
+
 /// `<target>`: a bench runs as `<target>/<profile>/deps/<name>-<hash>`.
 pub fn target_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("CARGO_TARGET_DIR") {
