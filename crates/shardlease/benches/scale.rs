@@ -1315,30 +1315,43 @@ async fn contended(cx: &Ctx<'_>, members: &[Member], r: &mut SizeResult) -> Resu
     // connection of its own that writes a row and NOTIFYs them. In a database of their own:
     // a NOTIFY wakes every listening backend of its database, whatever the channel, so
     // listeners beside the members' would double the fan-out of every announcement.
+    // The floor is a reference, not the measurement: without it the phase still runs.
     let floor_db = format!("{}_floor", cx.db_name);
-    recreate_database(&cx.admin, &floor_db).await?;
-    let floor_pg = shardlease::parse_database_url(&cx.server.url_of(&floor_db))?;
     let (floor_tx, mut floor_rx) = mpsc::unbounded_channel();
-    let (floor_listeners, floor_errors) = open_listeners(
-        &floor_pg,
-        members.len(),
-        o.join_concurrency,
-        &floor_tx,
-        setup_deadline,
-    )
+    let floor_setup = async {
+        recreate_database(&cx.admin, &floor_db).await?;
+        let pg = shardlease::parse_database_url(&cx.server.url_of(&floor_db))?;
+        let writer = shardlease::connect_client(&pg, "scale-bench contended floor").await?;
+        writer
+            .batch_execute("CREATE TABLE scale_floor (at timestamptz)")
+            .await?;
+        let (listeners, errors) = open_listeners(
+            &pg,
+            members.len(),
+            o.join_concurrency,
+            &floor_tx,
+            setup_deadline,
+        )
+        .await;
+        if let Some(e) = errors.first() {
+            bail!(
+                "{} of {} listeners failed to open (e.g. {e})",
+                errors.len(),
+                members.len()
+            );
+        }
+        Ok((writer, listeners))
+    }
     .await;
     drop(floor_tx);
-    if let Some(e) = floor_errors.first() {
-        r.notes.push(format!(
-            "contended floor: {} of {} listeners failed to open (e.g. {e}); no floor measured",
-            floor_errors.len(),
-            members.len()
-        ));
-    }
-    let floor_writer = shardlease::connect_client(&floor_pg, "scale-bench contended floor").await?;
-    floor_writer
-        .batch_execute("CREATE TABLE IF NOT EXISTS scale_floor (at timestamptz)")
-        .await?;
+    let (floor_writer, floor_listeners) = match floor_setup {
+        Ok((writer, listeners)) => (Some(writer), listeners),
+        Err(e) => {
+            r.notes
+                .push(format!("contended floor: {e:#}; no floor measured"));
+            (None, Vec::new())
+        }
+    };
 
     let counts = Arc::new(TickCounts::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -1489,9 +1502,9 @@ async fn contended(cx: &Ctx<'_>, members: &[Member], r: &mut SizeResult) -> Resu
         // The floor, back to back as the events are: a row write and NOTIFY, until every
         // listener has it.
         let floor_loop = async {
-            if !floor_errors.is_empty() {
+            let Some(floor_writer) = floor_writer.as_ref() else {
                 return;
-            }
+            };
             for i in 0..events {
                 if Instant::now() >= hold_end {
                     break;
