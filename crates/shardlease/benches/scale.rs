@@ -562,6 +562,25 @@ async fn listener(pg: &DbConfig, tx: mpsc::UnboundedSender<(Instant, String)>) -
     Ok(client)
 }
 
+/// The floor of a membership change: `writer` commits a row and a NOTIFY with `payload`;
+/// the time from sending it until all `n` listeners behind `rx` have it.
+async fn write_notify(
+    writer: &Client,
+    rx: &mut mpsc::UnboundedReceiver<(Instant, String)>,
+    payload: &str,
+    n: usize,
+    timeout: Duration,
+) -> Result<Duration> {
+    let t0 = Instant::now();
+    writer
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO scale_floor VALUES (clock_timestamp()); \
+             NOTIFY {FLOOR_CHANNEL}, '{payload}'; COMMIT"
+        ))
+        .await?;
+    Ok(fan_in(rx, payload, n, t0 + timeout).await? - t0)
+}
+
 /// Wait until `n` notifications with `payload` have arrived; the last one's arrival.
 async fn fan_in(
     rx: &mut mpsc::UnboundedReceiver<(Instant, String)>,
@@ -830,26 +849,14 @@ async fn floors(cx: &Ctx<'_>, n: usize, r: &mut SizeResult) -> Result<()> {
     cx.local
         .batch_execute("CREATE TABLE scale_floor (at timestamptz)")
         .await?;
-    let write = |payload: &str| {
-        format!(
-            "BEGIN; INSERT INTO scale_floor VALUES (clock_timestamp()); \
-             NOTIFY {FLOOR_CHANNEL}, '{payload}'; COMMIT"
-        )
-    };
-    cx.local.batch_execute(&write("warm")).await?;
-    fan_in(&mut rx, "warm", listening, Instant::now() + o.timeout).await?;
+    write_notify(&cx.local, &mut rx, "warm", listening, o.timeout).await?;
     let phase = Instant::now();
     for rep in 0..o.floor_reps {
         if r.floor_notify.stop(phase, o.phase) {
             break;
         }
         let payload = format!("w{rep}");
-        let t0 = Instant::now();
-        let res = async {
-            cx.local.batch_execute(&write(&payload)).await?;
-            Ok(fan_in(&mut rx, &payload, listening, t0 + o.timeout).await? - t0)
-        }
-        .await;
+        let res = write_notify(&cx.local, &mut rx, &payload, listening, o.timeout).await;
         r.floor_notify.push(res);
     }
     eprintln!(
@@ -1340,6 +1347,8 @@ async fn contended(cx: &Ctx<'_>, members: &[Member], r: &mut SizeResult) -> Resu
                 members.len()
             );
         }
+        // As for the quiet floor: the writer's first statements are not part of it.
+        write_notify(&writer, &mut floor_rx, "warm", listeners.len(), o.timeout).await?;
         Ok((writer, listeners))
     }
     .await;
@@ -1426,7 +1435,7 @@ async fn contended(cx: &Ctx<'_>, members: &[Member], r: &mut SizeResult) -> Resu
     let mut joiners = Vec::new();
     if let Ok(Ok(_)) = opened {
         // Three loops side by side, so that an event kind that waits behind the held
-        // transaction does not keep the others out of the window.
+        // transaction does not keep the others out of the window; a fourth for the floor.
         let join_loop = async {
             for i in 0..events {
                 if Instant::now() >= hold_end {
@@ -1511,23 +1520,8 @@ async fn contended(cx: &Ctx<'_>, members: &[Member], r: &mut SizeResult) -> Resu
                 }
                 let payload = format!("c{i}");
                 let t0 = Instant::now();
-                let res = async {
-                    floor_writer
-                        .batch_execute(&format!(
-                            "BEGIN; INSERT INTO scale_floor VALUES (clock_timestamp()); \
-                             NOTIFY {FLOOR_CHANNEL}, '{payload}'; COMMIT"
-                        ))
-                        .await?;
-                    Ok(fan_in(
-                        &mut floor_rx,
-                        &payload,
-                        floor_listeners.len(),
-                        t0 + o.timeout,
-                    )
-                    .await?
-                        - t0)
-                }
-                .await;
+                let n = floor_listeners.len();
+                let res = write_notify(floor_writer, &mut floor_rx, &payload, n, o.timeout).await;
                 floor.push((t0, res));
             }
         };
