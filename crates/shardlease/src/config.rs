@@ -133,6 +133,15 @@ impl MemberConfig {
             .as_millis() as i64
     }
 
+    /// From how long after the last renewal was sent a heartbeat asks to renew (calls
+    /// `shardlease.heartbeat`, which renews once less than [`Self::renew_below_ms`] is left
+    /// by the database clock, 1.5 heartbeats after a renewal); earlier beats only read the
+    /// lease. A quarter of a heartbeat early, so that a beat that comes a little early, or a
+    /// renewal that took a while, never skips a renewal that is due.
+    pub(crate) fn renew_ask_after(&self) -> Duration {
+        self.heartbeat.mul_f64(1.25)
+    }
+
     /// How long a fenced transaction's commit check may wait for the group's fence lock
     /// (held exclusively only while a membership change commits): the lease TTL.
     pub(crate) fn fence_lock_timeout(&self) -> Duration {

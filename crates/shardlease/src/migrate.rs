@@ -188,6 +188,10 @@ pub const LIBRARY_PROBES: &[BaselineProbe] = &[
         version: 7,
         sql: "SELECT to_regprocedure('shardlease.announce_burst()') IS NOT NULL",
     },
+    BaselineProbe {
+        version: 8,
+        sql: "SELECT to_regprocedure('shardlease.needs_reap(text,bigint)') IS NOT NULL",
+    },
 ];
 
 /// Apply the library's migrations. Idempotent, and safe when many processes run it at once:

@@ -48,6 +48,10 @@ pub const MEMBER_FUNCTIONS: &[&str] = &[
     "await_departure",
 ];
 
+/// The functions a member calls with its own rights: the heartbeat's read of its lease
+/// (schema version 8), inlined into the member's statement, and what that read calls.
+pub const MEMBER_READS: &[&str] = &["lease_state", "timeline", "incarnation_timeline"];
+
 /// The tables a member reads (its view of the group is read from them).
 pub const MEMBER_TABLES: &[&str] = &["groups", "leases"];
 
@@ -124,6 +128,7 @@ pub async fn grant(tx: &Transaction<'_>, role: &str, kind: RoleKind) -> Result<G
     if kind == RoleKind::Member {
         relations.extend_from_slice(MEMBER_TABLES);
         functions.extend_from_slice(MEMBER_FUNCTIONS);
+        functions.extend_from_slice(MEMBER_READS);
     }
     for rel in relations {
         privileges.push(format!("SELECT ON shardlease.{rel}"));

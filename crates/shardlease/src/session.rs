@@ -2,13 +2,15 @@
 //! advisory lock, LISTENs, heartbeats, looks for crashed members when it is one of the
 //! group's checkers, and reconnects when it must.
 //!
-//! Cost at rest, per member and heartbeat: one statement (`shardlease.heartbeat`), whatever
-//! the group size. Only the [`CHECKERS`] lowest slots look for crashes, once per crash-check
-//! interval each, with a shared try-lock per lease (no `pg_locks` scan); everyone else's
-//! heartbeat probes the checkers' slot locks now and then, so that a group whose checkers
-//! all died still notices. Membership changes arrive as notifications that carry the change,
-//! applied to the view without a re-read when they follow on from it (a re-read otherwise,
-//! once per burst).
+//! Cost at rest, per member and heartbeat: one statement, whatever the group size: every
+//! other beat `shardlease.heartbeat` renews the lease, and the beats between read it with a
+//! plain statement. Only the [`CHECKERS`] lowest slots look for crashes, once per crash-check
+//! interval each: a look at the expiries, and a shared try-lock per lease (no `pg_locks`
+//! scan) only when a session of the database has ended since the checker last looked, or
+//! once per heartbeat ([`CheckState`]). Everyone else's heartbeat probes the checkers' slot
+//! locks now and then, so that a group whose checkers all died still notices. Membership
+//! changes arrive as notifications that carry the change, applied to the view without a
+//! re-read when they follow on from it (a re-read otherwise, once per burst).
 //!
 //! Leader candidates ([`Detection::Ring`]) run no crash checks: each heartbeat probes the
 //! member before them in incarnation order, and the leader module's watcher catches crashes.
@@ -42,6 +44,60 @@ const PROBE_EVERY: u64 = 4;
 /// `open_session`. 200 workers started at once join in about 10 s on 2 cores.
 const JOIN_WAIT: Duration = Duration::from_secs(30);
 
+/// A checker's memory between crash checks: the count of the database's sessions that
+/// ended without their client's goodbye (`shardlease.ended_sessions()`) as of its last check,
+/// and when it last probed every slot lock.
+///
+/// A crashed member's backend releases its slot lock before that count moves, so a check
+/// that finds the count where it was need not probe the locks: at rest a check costs a look
+/// at the expiries and one read of a shared counter, not a try-lock per member. The locks are
+/// still probed once per heartbeat whatever the count says, for the sessions it does not
+/// count (a member that closes its connection without leaving), and at every check after one
+/// that found something, until the group is clean again (a reap that found the group row
+/// busy is then tried again at once).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct CheckState {
+    ended_sessions: Option<i64>,
+    probed_at: Option<Instant>,
+}
+
+impl CheckState {
+    /// The count to pass to `shardlease.needs_reap`: `None` (probe every lock) when there is
+    /// none, or when the last full probe is a heartbeat old.
+    fn seen(&self, heartbeat: Duration) -> Option<i64> {
+        match self.probed_at {
+            Some(at) if at.elapsed() < heartbeat => self.ended_sessions,
+            _ => None,
+        }
+    }
+
+    fn record(
+        &mut self,
+        needs_reap: bool,
+        ended_sessions: Option<i64>,
+        probed: bool,
+        now: Instant,
+    ) {
+        if probed {
+            self.probed_at = Some(now);
+        }
+        self.ended_sessions = if needs_reap { None } else { ended_sessions };
+    }
+}
+
+/// `Ok(None)` when a statement could not be prepared because a function it calls does not
+/// exist (the schema predates it).
+fn unless_undefined(prepared: Result<Statement>) -> Result<Option<Statement>> {
+    match prepared {
+        Ok(statement) => Ok(Some(statement)),
+        Err(Error::NotMigrated { detail }) => {
+            tracing::debug!(%detail, "the schema predates schema version 8: the session uses the older statements");
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// How a member looks for crashed and hung members.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Detection {
@@ -57,9 +113,20 @@ pub(crate) enum Detection {
 /// The statements a session runs every heartbeat or check, prepared once per connection.
 struct Prepared {
     heartbeat: Statement,
-    check: Statement,
+    /// A heartbeat that renews and probes nothing: a plain read of the lease. `None` on a
+    /// schema older than version 8, where every beat calls `heartbeat`.
+    read: Option<Statement>,
+    check: Check,
     reap: Statement,
     view: Statement,
+}
+
+/// The crash check, by schema version.
+enum Check {
+    /// Version 8: probes the slot locks only when a session has ended ([`CheckState`]).
+    Gated(Statement),
+    /// Older schemas: probes every slot lock at every check.
+    Full(Statement),
 }
 
 /// A joined session: the connection that holds our lock, and what we joined as.
@@ -74,6 +141,10 @@ pub(crate) struct Session {
     ahead: Option<u64>,
     /// The lease's expiry (database clock) as last seen, to tell a renewing beat.
     expires_at: SystemTime,
+    /// When the statement that last renewed the lease (or joined) was sent.
+    renewed_sent: Instant,
+    /// What this member's crash checks have seen, when it is a checker.
+    checks: CheckState,
     /// When this member stops calling itself joined unless a renewal succeeds first: the
     /// instant the last renewing statement was sent, plus the TTL, less a margin. The
     /// statement ran after it was sent, so the lease lasts at least until then by the
@@ -212,6 +283,8 @@ impl Driver {
             lock_key: row.get(3),
             ahead: None,
             expires_at: row.get(4),
+            renewed_sent: sent,
+            checks: CheckState::default(),
             deadline: sent + queued(&row, self.cfg.lease_ttl) + self.lease_budget(),
         };
         let generation: i64 = row.get(2);
@@ -241,10 +314,27 @@ impl Driver {
                  FROM shardlease.heartbeat($1::bigint, $2::integer[], $3::bigint * interval '1 millisecond')",
             )
             .await?,
-            check: prepare(
-                "SELECT shardlease.flush_announcements($1::text), shardlease.needs_reap($1::text)",
-            )
-            .await?,
+            // Schema version 8's statements, and what older schemas offer instead (an
+            // embedder may run this build before migrating; the worker refuses to).
+            read: unless_undefined(
+                prepare("SELECT generation, false, expires_at FROM shardlease.lease_state($1::bigint)")
+                    .await,
+            )?,
+            check: match unless_undefined(
+                prepare(
+                    "SELECT shardlease.flush_announcements($1::text), c.needs_reap, c.ended_sessions, c.probed \
+                     FROM shardlease.needs_reap($1::text, $2::bigint) c",
+                )
+                .await,
+            )? {
+                Some(check) => Check::Gated(check),
+                None => Check::Full(
+                    prepare(
+                        "SELECT shardlease.flush_announcements($1::text), shardlease.needs_reap($1::text)",
+                    )
+                    .await?,
+                ),
+            },
             reap: prepare(
                 "SELECT member_id, slot, incarnation, reason, generation FROM shardlease.reap($1::text)",
             )
@@ -428,18 +518,31 @@ impl Driver {
         }
     }
 
+    /// One heartbeat: renew the lease when due and probe `probe` through
+    /// `shardlease.heartbeat`, or, on the beats that do neither, read the lease with a plain
+    /// statement (`shardlease.lease_state`). Either way: is the lease live, and which
+    /// generation has the group announced.
     async fn on_heartbeat(&self, s: &mut Session, probe: Vec<i32>) -> Next {
         let sent = Instant::now();
-        let row = match s
-            .client
-            .query_opt(
-                &s.prepared.heartbeat,
-                &[&s.incarnation, &probe, &self.cfg.renew_below_ms()],
-            )
-            .await
-        {
+        let read = s.prepared.read.as_ref().filter(|_| {
+            probe.is_empty() && sent.duration_since(s.renewed_sent) < self.cfg.renew_ask_after()
+        });
+        let renew = read.is_none();
+        let result = match read {
+            Some(read) => s.client.query_opt(read, &[&s.incarnation]).await,
+            None => {
+                s.client
+                    .query_opt(
+                        &s.prepared.heartbeat,
+                        &[&s.incarnation, &probe, &self.cfg.renew_below_ms()],
+                    )
+                    .await
+            }
+        };
+        let row = match result {
             Ok(row) => row,
-            Err(e) => return self.db_error("renewing the lease", e),
+            Err(e) if renew => return self.db_error("renewing the lease", e),
+            Err(e) => return self.db_error("reading the lease", e),
         };
         let Some(row) = row else {
             return Next::Lost("the lease could not be renewed: it expired or was reaped".into());
@@ -449,6 +552,7 @@ impl Driver {
         let expires_at: SystemTime = row.get(2);
         if expires_at != s.expires_at {
             s.expires_at = expires_at;
+            s.renewed_sent = sent;
             s.deadline = sent + self.lease_budget();
         }
         if suspect {
@@ -471,15 +575,33 @@ impl Driver {
         Next::Continue
     }
 
-    async fn on_crash_check(&self, s: &Session) -> Next {
-        match s
-            .client
-            .query_one(&s.prepared.check, &[&self.cfg.group])
-            .await
-        {
-            Ok(row) if row.get::<_, bool>(1) => self.reap(s).await,
-            Ok(_) => Next::Continue,
-            Err(e) => self.db_error("checking the group for crashed or expired members", e),
+    /// One crash check: expiries always; the slot locks when a session of the database has
+    /// ended since this checker last looked, and at least once per heartbeat (see
+    /// [`CheckState`]).
+    async fn on_crash_check(&self, s: &mut Session) -> Next {
+        let seen = s.checks.seen(self.cfg.heartbeat);
+        let result = match &s.prepared.check {
+            Check::Gated(check) => s
+                .client
+                .query_one(check, &[&self.cfg.group, &seen])
+                .await
+                .map(|row| (row.get(1), row.get(2), row.get(3))),
+            Check::Full(check) => s
+                .client
+                .query_one(check, &[&self.cfg.group])
+                .await
+                .map(|row| (row.get(1), None, true)),
+        };
+        let (needs_reap, ended_sessions, probed) = match result {
+            Ok(checked) => checked,
+            Err(e) => return self.db_error("checking the group for crashed or expired members", e),
+        };
+        s.checks
+            .record(needs_reap, ended_sessions, probed, Instant::now());
+        if needs_reap {
+            self.reap(s).await
+        } else {
+            Next::Continue
         }
     }
 
@@ -769,5 +891,45 @@ mod tests {
         let (a, b) = (delays(), delays());
         assert_ne!(a, b, "two members drew the same jittered delays: {a:?}");
         assert!(a.iter().all(|d| *d >= Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn checks_skip_the_probe_only_after_a_clean_recent_one() {
+        let beat = Duration::from_secs(1);
+        let now = Instant::now();
+        let mut c = CheckState::default();
+        assert_eq!(c.seen(beat), None, "the first check probes every lock");
+
+        c.record(false, Some(7), true, now);
+        assert_eq!(
+            c.seen(beat),
+            Some(7),
+            "a clean probe: the next check compares counts"
+        );
+        c.record(false, Some(7), false, now);
+        assert_eq!(c.seen(beat), Some(7));
+
+        c.record(true, Some(8), true, now);
+        assert_eq!(
+            c.seen(beat),
+            None,
+            "found something: probe again until clean"
+        );
+        c.record(false, Some(8), true, now);
+        assert_eq!(c.seen(beat), Some(8));
+
+        c.record(false, None, true, now);
+        assert_eq!(
+            c.seen(beat),
+            None,
+            "no count (PostgreSQL 14): every check probes"
+        );
+
+        let long_ago = now
+            .checked_sub(beat * 2)
+            .expect("the clock is past two seconds");
+        let mut c = CheckState::default();
+        c.record(false, Some(7), true, long_ago);
+        assert_eq!(c.seen(beat), None, "the last full probe is a heartbeat old");
     }
 }

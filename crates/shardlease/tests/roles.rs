@@ -116,9 +116,11 @@ async fn only_the_key_hashes_are_public_and_the_members_functions_run_as_their_o
         .collect();
     let mut want: Vec<&str> = roles::MEMBER_FUNCTIONS.to_vec();
     want.sort_unstable();
+    // One name per function: needs_reap has two overloads (schema versions 1 and 8).
+    let mut names: Vec<&str> = definers.iter().map(|(n, _)| n.as_str()).collect();
+    names.dedup();
     assert_eq!(
-        definers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-        want,
+        names, want,
         "exactly the members' functions run with their owner's rights"
     );
     for (name, config) in &definers {

@@ -52,7 +52,8 @@ async fn granted_roles(db: &TestDb) -> (TestRole, TestRole) {
 
 /// Every privilege `role` holds in the database, one line each, sorted.
 async fn privileges(c: &Client, role: &str) -> Vec<String> {
-    c.query(
+    let mut lines: Vec<String> = c
+        .query(
         "SELECT 'schema ' || n.nspname || ' ' || a.privilege_type \
            FROM pg_namespace n, aclexplode(n.nspacl) a WHERE a.grantee = $1::text::regrole \
          UNION ALL \
@@ -65,23 +66,25 @@ async fn privileges(c: &Client, role: &str) -> Vec<String> {
            JOIN pg_namespace n ON n.oid = c.relnamespace, aclexplode(t.attacl) a \
           WHERE a.grantee = $1::text::regrole \
          UNION ALL \
-         SELECT 'function ' || n.nspname || '.' || p.proname || ' ' || a.privilege_type \
+         SELECT 'function ' || n.nspname || '.' || p.proname || '(' || oidvectortypes(p.proargtypes) \
+                || ') ' || a.privilege_type \
            FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace, aclexplode(p.proacl) a \
-          WHERE a.grantee = $1::text::regrole \
-         ORDER BY 1",
+          WHERE a.grantee = $1::text::regrole",
         &[&role],
     )
     .await
     .expect("read the role's privileges")
     .iter()
     .map(|r| r.get(0))
-    .collect()
+    .collect();
+    lines.sort();
+    lines
 }
 
 /// What an inspector holds, exactly.
 const INSPECTOR: &[&str] = &[
-    "function shardlease.leader_incarnation EXECUTE",
-    "function shardlease.slot_locks EXECUTE",
+    "function shardlease.leader_incarnation(text) EXECUTE",
+    "function shardlease.slot_locks(integer) EXECUTE",
     "relation public.work_items SELECT",
     "relation shardlease.group_status SELECT",
     "relation shardlease.leaders SELECT",
@@ -99,18 +102,22 @@ const MEMBER_EXTRA: &[&str] = &[
     "column public.work_items.currentworker UPDATE",
     "column public.work_items.updated_at UPDATE",
     "column public.work_items.value UPDATE",
-    "function shardlease.await_departure EXECUTE",
-    "function shardlease.fence_begin EXECUTE",
-    "function shardlease.fence_commit EXECUTE",
-    "function shardlease.fence_guard EXECUTE",
-    "function shardlease.flush_announcements EXECUTE",
-    "function shardlease.heartbeat EXECUTE",
-    "function shardlease.join EXECUTE",
-    "function shardlease.leader_fence_begin EXECUTE",
-    "function shardlease.leader_fence_commit EXECUTE",
-    "function shardlease.leave EXECUTE",
-    "function shardlease.needs_reap EXECUTE",
-    "function shardlease.reap EXECUTE",
+    "function shardlease.await_departure(text, bigint, integer, integer) EXECUTE",
+    "function shardlease.fence_begin(text, bigint, bigint) EXECUTE",
+    "function shardlease.fence_commit(bigint, bigint, integer) EXECUTE",
+    "function shardlease.fence_guard(text, bigint, bigint) EXECUTE",
+    "function shardlease.flush_announcements(text) EXECUTE",
+    "function shardlease.heartbeat(bigint, integer[], interval) EXECUTE",
+    "function shardlease.incarnation_timeline(bigint) EXECUTE",
+    "function shardlease.join(text, text, interval, jsonb, integer) EXECUTE",
+    "function shardlease.leader_fence_begin(text, bigint) EXECUTE",
+    "function shardlease.leader_fence_commit(bigint, integer) EXECUTE",
+    "function shardlease.lease_state(bigint) EXECUTE",
+    "function shardlease.leave(bigint) EXECUTE",
+    "function shardlease.needs_reap(text) EXECUTE",
+    "function shardlease.needs_reap(text, bigint) EXECUTE",
+    "function shardlease.reap(text) EXECUTE",
+    "function shardlease.timeline() EXECUTE",
     "relation shardlease.groups SELECT",
     "relation shardlease.leases SELECT",
 ];
