@@ -646,7 +646,8 @@ struct SizeResult {
     cold_join_errors: Vec<String>,
     /// Join attempts that failed transiently and were retried.
     cold_retries: usize,
-    /// The heartbeats during the churn rounds: calls, mean and max server time (ms).
+    /// The renewing heartbeats (`shardlease.heartbeat`; the beats between are plain reads)
+    /// during the churn rounds: calls, mean and max server time (ms).
     churn_heartbeat: Option<(i64, f64, f64)>,
     /// How late a 10 ms timer of this process fired at most during the churn rounds.
     churn_timer_late: Option<Duration>,
@@ -1744,7 +1745,7 @@ async fn churn(
         }
     }
     eprintln!(
-        "  churn: heartbeats {}; this process's 10 ms timer fired up to {} late",
+        "  churn: renewing heartbeats {}; this process's 10 ms timer fired up to {} late",
         r.churn_heartbeat
             .map(|(calls, mean, max)| format!(
                 "{calls} calls, {mean:.2} ms mean and {max:.0} ms max server time"
