@@ -143,6 +143,8 @@ pub(crate) struct Session {
     expires_at: SystemTime,
     /// When the statement that last renewed the lease (or joined) was sent.
     renewed_sent: Instant,
+    /// How many beats asked to renew (to spread the checkers' probes over them).
+    renewals: u64,
     /// What this member's crash checks have seen, when it is a checker.
     checks: CheckState,
     /// When this member stops calling itself joined unless a renewal succeeds first: the
@@ -284,6 +286,7 @@ impl Driver {
             ahead: None,
             expires_at: row.get(4),
             renewed_sent: sent,
+            renewals: 0,
             checks: CheckState::default(),
             deadline: sent + queued(&row, self.cfg.lease_ttl) + self.lease_budget(),
         };
@@ -399,8 +402,9 @@ impl Driver {
                 _ = tokio::time::sleep_until(deadline) => self.past_deadline(),
                 _ = heartbeat.tick() => {
                     beats += 1;
-                    let probe = self.probe_slots(s, rank, beats);
-                    self.before_deadline(deadline, self.on_heartbeat(s, probe)).await
+                    let renew = self.renew_due(s);
+                    let probe = self.probe_slots(s, rank, beats, renew);
+                    self.before_deadline(deadline, self.on_heartbeat(s, probe, renew)).await
                 }
                 _ = sleep_until(next_check), if next_check.is_some() => {
                     next_check = rank.map(|r| next_phase(self.cfg.crash_check, r));
@@ -496,21 +500,31 @@ impl Driver {
         }
     }
 
+    /// Whether this beat asks to renew (calls `shardlease.heartbeat`): always on a schema
+    /// older than version 8, else from [`MemberConfig::renew_ask_after`] after the last
+    /// renewal was sent.
+    fn renew_due(&self, s: &Session) -> bool {
+        s.prepared.read.is_none() || s.renewed_sent.elapsed() >= self.cfg.renew_ask_after()
+    }
+
     /// The slots this heartbeat probes. Checkers: none. Other members: the checkers' slots
     /// other than ours, every [`PROBE_EVERY`] beats, in turns by slot, so that the group
     /// probes them about N / 4 times per beat and each member costs one cheap statement per
-    /// beat. Leader candidates: the member before this one in the ring, every beat.
-    fn probe_slots(&self, s: &Session, rank: Option<usize>, beats: u64) -> Vec<i32> {
+    /// beat: on every other renewing beat (renewals come every other beat), so that the beats
+    /// between stay plain reads; on schemas before version 8, every fourth beat. Leader
+    /// candidates: the member before this one in the ring, every beat.
+    fn probe_slots(&self, s: &Session, rank: Option<usize>, beats: u64, renew: bool) -> Vec<i32> {
+        let due = match s.prepared.read {
+            Some(_) => renew && (s.renewals + u64::from(s.slot)).is_multiple_of(PROBE_EVERY / 2),
+            None => (beats + u64::from(s.slot)).is_multiple_of(PROBE_EVERY),
+        };
         match self.detection {
-            Detection::Checkers
-                if rank.is_none() && (beats + u64::from(s.slot)).is_multiple_of(PROBE_EVERY) =>
-            {
-                self.checker_slots()
-                    .into_iter()
-                    .filter(|&c| c != s.slot)
-                    .map(|c| c as i32)
-                    .collect()
-            }
+            Detection::Checkers if rank.is_none() && due => self
+                .checker_slots()
+                .into_iter()
+                .filter(|&c| c != s.slot)
+                .map(|c| c as i32)
+                .collect(),
             Detection::Checkers => Vec::new(),
             Detection::Ring => crate::leader::ring::watched(&self.view.borrow(), s.incarnation)
                 .map(|m| vec![m.slot as i32])
@@ -522,12 +536,17 @@ impl Driver {
     /// `shardlease.heartbeat`, or, on the beats that do neither, read the lease with a plain
     /// statement (`shardlease.lease_state`). Either way: is the lease live, and which
     /// generation has the group announced.
-    async fn on_heartbeat(&self, s: &mut Session, probe: Vec<i32>) -> Next {
+    async fn on_heartbeat(&self, s: &mut Session, probe: Vec<i32>, renew: bool) -> Next {
         let sent = Instant::now();
-        let read = s.prepared.read.as_ref().filter(|_| {
-            probe.is_empty() && sent.duration_since(s.renewed_sent) < self.cfg.renew_ask_after()
-        });
+        let read = s
+            .prepared
+            .read
+            .as_ref()
+            .filter(|_| !renew && probe.is_empty());
         let renew = read.is_none();
+        if renew {
+            s.renewals += 1;
+        }
         let result = match read {
             Some(read) => s.client.query_opt(read, &[&s.incarnation]).await,
             None => {
