@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use common::{ChildMember, TestDb};
 use shardlease::tokio_postgres::Client;
 use shardlease::{Member, MemberConfig, PROTOCOL_VERSION};
-use shardlease_testkit::poll_until;
+use shardlease_testkit::{poll_until, server_at_least};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -68,15 +68,7 @@ async fn next_probe(c: &Client, seen: i64, what: &str) -> bool {
 async fn a_check_probes_only_after_a_session_ended_and_then_finds_the_dead() {
     let db = TestDb::migrated().await;
     let c = db.client().await;
-    let pg15: bool = c
-        .query_one(
-            "SELECT current_setting('server_version_num')::int >= 150000",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    if !pg15 {
+    if !server_at_least(&c, 150_000).await {
         println!("skipped: before PostgreSQL 15 the count is unknown and every check probes");
         return;
     }

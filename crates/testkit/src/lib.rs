@@ -41,6 +41,18 @@ pub use url::{url_of, with_host_port};
 
 use std::time::{Duration, Instant};
 
+/// Whether the server `c` talks to is at least `version_num` (`server_version_num`, such as
+/// `150000` for PostgreSQL 15), for tests of what older servers lack.
+pub async fn server_at_least(c: &shardlease::tokio_postgres::Client, version_num: i32) -> bool {
+    c.query_one(
+        "SELECT current_setting('server_version_num')::int >= $1",
+        &[&version_num],
+    )
+    .await
+    .expect("read server_version_num")
+    .get(0)
+}
+
 /// Wait for `cond` to hold, polling every 5 ms; panics naming `what` after `timeout`.
 pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut cond: F)
 where

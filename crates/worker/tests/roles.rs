@@ -361,14 +361,7 @@ async fn members_and_inspectors_create_alter_and_drop_nothing_and_write_only_tic
     let db = seeded(10).await;
     let (member, inspector) = granted_roles(&db).await;
     let c = db.client().await;
-    let pg15: bool = c
-        .query_one(
-            "SELECT current_setting('server_version_num')::int >= 150000",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let pg15 = shardlease_testkit::server_at_least(&c, 150_000).await;
     let mut ddl = vec![
         "CREATE SCHEMA sl_intruder",
         "CREATE TABLE shardlease.x (i int)",
