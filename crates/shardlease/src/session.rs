@@ -218,13 +218,20 @@ impl Driver {
         // hundreds of members start at once (a cold start, a whole group after a database
         // restart) a joiner that gave up would only lose its place, and retrying costs a new
         // connection.
+        //
+        // Generic plans from the first execution: every statement of the session (and in our
+        // functions) is a lookup by key whose best plan does not depend on the values, and a
+        // new session would otherwise plan each of them afresh at its first five executions
+        // (the plan cache's custom plans), which a group of hundreds of members starting at
+        // once pays for hundreds of times a second.
         let lock_timeout = self.lock_timeout_ms();
         let statement_timeout = timeout_ms(self.cfg.lease_ttl / 2);
         let join_wait = timeout_ms(JOIN_WAIT.max(self.cfg.lease_ttl / 2));
         client
             .batch_execute(&format!(
                 "SET lock_timeout = {join_wait}; SET statement_timeout = {join_wait}; \
-                 SET idle_in_transaction_session_timeout = {statement_timeout}; LISTEN {CHANNEL}"
+                 SET idle_in_transaction_session_timeout = {statement_timeout}; \
+                 SET plan_cache_mode = force_generic_plan; LISTEN {CHANNEL}"
             ))
             .await
             .map_err(|e| {
