@@ -48,6 +48,11 @@ const PROBES: &[BaselineProbe] = &[
         sql: "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass('public.work_items') \
               AND tgname = 'key_hash_set')",
     },
+    BaselineProbe {
+        version: 4,
+        sql: "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass('public.work_items') \
+              AND tgname = 'shard_set')",
+    },
 ];
 
 /// The items' stored hash, which the workers own by ranges.
