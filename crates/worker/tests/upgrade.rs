@@ -117,6 +117,29 @@ async fn migrate_upgrades_a_hand_made_schema_while_the_old_layout_is_ticked() {
         .unwrap()
         .get(0);
     assert!(ready);
+    // The legacy shard column (kept by a trigger since work_items V4, no longer generated)
+    // still says what the id does: for rows inserted after the migration, and after an
+    // UPDATE that sets it.
+    c.batch_execute(
+        "INSERT INTO public.work_items (value) SELECT 0 FROM generate_series(1, 10); \
+         UPDATE public.work_items SET shard = -1 \
+          WHERE id = (SELECT id FROM public.work_items LIMIT 1)",
+    )
+    .await
+    .unwrap();
+    let wrong: i64 = c
+        .query_one(
+            "SELECT count(*) FROM public.work_items \
+             WHERE shard IS DISTINCT FROM shardlease.shard_of(id)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        wrong, 0,
+        "rows whose legacy shard is not shardlease.shard_of(id)"
+    );
     let again = db.cli(&["migrate"]).await;
     assert!(
         again.success() && again.stdout.contains("already up to date"),
