@@ -550,8 +550,9 @@ impl Driver {
             .read
             .as_ref()
             .filter(|_| !renew && probe.is_empty());
-        let renew = read.is_none();
-        if renew {
+        // Through `shardlease.heartbeat`: it renews when due, and probes.
+        let via_heartbeat = read.is_none();
+        if via_heartbeat {
             s.renewals += 1;
         }
         let result = match read {
@@ -567,7 +568,7 @@ impl Driver {
         };
         let row = match result {
             Ok(row) => row,
-            Err(e) if renew => return self.db_error("renewing the lease", e),
+            Err(e) if via_heartbeat => return self.db_error("renewing the lease", e),
             Err(e) => return self.db_error("reading the lease", e),
         };
         let Some(row) = row else {
