@@ -206,6 +206,18 @@ async fn migrate_twice_succeeds_both_times() {
     );
     let seeded = db.cli(&["seed", "--count", "5"]).await;
     assert!(seeded.success(), "seed after migrate: {seeded}");
+    // Seeding leaves the planner statistics behind (a table never analysed has -1).
+    let reltuples: f32 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT reltuples FROM pg_class WHERE oid = 'public.work_items'::regclass",
+            &[],
+        )
+        .await
+        .expect("read pg_class")
+        .get(0);
+    assert_eq!(reltuples, 5.0, "seed analyses the table it filled");
     let third = db.cli(&["migrate"]).await;
     assert!(third.success(), "migrate with rows present: {third}");
     let n: i64 = db
