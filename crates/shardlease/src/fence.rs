@@ -45,6 +45,54 @@ impl Fence {
         self.incarnation
     }
 
+    /// The group's name.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// How long the commit check may wait for the group's fence lock, in milliseconds (the
+    /// third argument of `shardlease.fence_commit`).
+    pub fn lock_timeout_ms(&self) -> i32 {
+        self.timeout_ms
+    }
+
+    /// The error of a statement that ran this fence's checks itself, `doing` what: a
+    /// refusal by `shardlease.fence_guard` or `shardlease.fence_commit` (SQLSTATE `SLX01`)
+    /// is [`Error::Fenced`], anything else [`Error::Db`].
+    ///
+    /// That is how one statement can be fenced on its own: a function of yours that calls
+    /// `shardlease.fence_guard(group, incarnation, generation)`, does its writes and then
+    /// calls `shardlease.fence_commit(incarnation, generation, lock_timeout_ms)`, run
+    /// outside an explicit transaction, so that its commit follows the commit check at once
+    /// (the check holds the group's fence lock until then). One statement instead of the
+    /// five of [`Fence::run`]: the worker's tick (`shardlease_worker.tick`) does this.
+    ///
+    /// ```no_run
+    /// # async fn f(member: &shardlease::Member, client: &tokio_postgres::Client) -> shardlease::Result<()> {
+    /// use tokio_postgres::types::Type;
+    ///
+    /// let fence = member.view().fence()?;
+    /// let generation = fence.generation() as i64;
+    /// let rows = client
+    ///     .query_typed(
+    ///         "SELECT * FROM my_fenced_write($1, $2, $3, $4)",
+    ///         &[(&fence.group(), Type::TEXT), (&fence.incarnation(), Type::INT8),
+    ///           (&generation, Type::INT8), (&fence.lock_timeout_ms(), Type::INT4)],
+    ///     )
+    ///     .await
+    ///     .map_err(|e| fence.error_of(e, "running my fenced write"))?;
+    /// # Ok(()) }
+    /// ```
+    pub fn error_of(&self, e: tokio_postgres::Error, doing: &str) -> Error {
+        match refusal(&e) {
+            Some((reason, current)) => self.refused(reason, current),
+            None => Error::Db {
+                doing: format!("{doing} in group {:?}", self.group),
+                source: e,
+            },
+        }
+    }
+
     /// Begin a fenced transaction on `client` (any connection to the same database; a
     /// transaction pooler such as PgBouncer in transaction mode is fine).
     ///
@@ -161,13 +209,7 @@ impl Fence {
     /// The error of a failed begin or commit check (`step`: "beginning" or "committing"):
     /// the refusal, or the database error.
     fn refused_or(&self, e: tokio_postgres::Error, step: &str) -> Error {
-        match refusal(&e) {
-            Some((reason, current)) => self.refused(reason, current),
-            None => Error::Db {
-                doing: format!("{step} a fenced transaction in group {:?}", self.group),
-                source: e,
-            },
-        }
+        self.error_of(e, &format!("{step} a fenced transaction"))
     }
 
     fn refused(&self, reason: FenceReason, current: Option<u64>) -> Error {

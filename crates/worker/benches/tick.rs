@@ -4,8 +4,9 @@
 //!   AND hi RETURNING id` over the member's hash ranges (the floor);
 //! - `raw_update_1024_shards`: the floor of the layout before (`WHERE shard = ANY($1)` over the
 //!   member's jump-hashed shards of 1,024; other rows, about as many), for comparison;
-//! - `fenced_tick`: the worker's tick (fence check + the batched range update, with the cadence
-//!   guard), through `Items::tick`;
+//! - `fenced_tick`: the worker's tick (the begin check, the batched range update with the
+//!   cadence guard, and the commit check, in one statement: `shardlease_worker.tick`), through
+//!   `Items::tick`;
 //! - `fenced_tick_1024_shards`: the tick of the build before, verbatim, on its own rows.
 //!
 //! Each for one worker's quarter of 100k items, and for 4 workers at once (4 connections, the

@@ -53,6 +53,10 @@ const PROBES: &[BaselineProbe] = &[
         sql: "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = to_regclass('public.work_items') \
               AND tgname = 'shard_set')",
     },
+    BaselineProbe {
+        version: 5,
+        sql: "SELECT to_regprocedure('shardlease_worker.tick(regclass,text,bigint,bigint,integer,text,double precision,integer[],integer[])') IS NOT NULL",
+    },
 ];
 
 /// The items' stored hash, which the workers own by ranges.

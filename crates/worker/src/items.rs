@@ -39,19 +39,25 @@ impl Items {
         }
     }
 
-    /// One tick, one fenced transaction ([`Fence::run`]: two round trips), one batched
-    /// statement: add 1 to `value` and stamp `currentWorker` for every item whose stored hash falls in `ranges` (the owned hash
-    /// shards, merged) and that was not ticked in the last `min_gap` (so that, across a
-    /// hand-off, two increments of an item are never closer than that), and read back every
-    /// id in those ranges.
+    /// One tick, one fenced statement (`shardlease_worker.tick`, schema V5): add 1 to
+    /// `value` and stamp `currentWorker` for every item whose stored hash falls in `ranges`
+    /// (the owned hash shards, merged) and that was not ticked in the last `min_gap` (so
+    /// that, across a hand-off, two increments of an item are never closer than that), and
+    /// read back every id in those ranges.
     ///
-    /// The ranges are joined as two `integer[]` parameters: PostgreSQL runs one index range
-    /// scan per range for a small share and a bitmap scan for a large one.
+    /// The function runs the fence's begin check, the UPDATE and the commit check, and the
+    /// statement's own transaction commits right after it (see [`Fence::error_of`]): one
+    /// statement and one round trip where [`Fence::run`] takes five statements; the server's
+    /// CPU per tick among 200 resting workers went from 0.80 to 0.65 ms. The ranges are
+    /// joined as two `integer[]` parameters: PostgreSQL runs one index range scan per range
+    /// for a small share and a bitmap scan for a large one.
     ///
     /// `client` may go through a transaction pooler (PgBouncer's `pool_mode = transaction`):
-    /// the statement is unnamed, with its parameter types given (`query_typed`: one round
-    /// trip, no named prepared statement to outlive the transaction or to be missing on
-    /// another server connection), and it keeps no state beyond the transaction.
+    /// the statement is unnamed, with its parameter types given (`query_typed`: no named
+    /// prepared statement to outlive the transaction or to be missing on another server
+    /// connection), and it keeps no state beyond its transaction. It must not be inside a
+    /// transaction of the caller's (the commit check would then hold the fence lock until
+    /// that transaction ends).
     pub async fn tick(
         &self,
         client: &mut Client,
@@ -60,37 +66,26 @@ impl Items {
         ranges: &HashRanges,
         min_gap: Duration,
     ) -> shardlease::Result<TickResult> {
-        // A float times an interval constant: immutable, so folded once per statement (a
-        // text-to-interval cast is only stable and would be parsed again for every row).
         let gap_ms = min_gap.as_secs_f64() * 1000.0;
-        // Every SET expression sees the row before the update, so `due` is evaluated once
-        // per row consistently; due rows get updated_at = now(), which RETURNING recognises.
-        let due = "(w.updated_at IS NULL OR w.updated_at <= now() - $4::float8 * interval '1 millisecond')";
-        let sql = format!(
-            "UPDATE {t} AS w SET \
-               value = CASE WHEN {due} THEN w.value + 1 ELSE w.value END, \
-               currentworker = CASE WHEN {due} THEN $1 ELSE w.currentworker END, \
-               updated_at = CASE WHEN {due} THEN now() ELSE w.updated_at END \
-             FROM unnest($2::int4[], $3::int4[]) AS r(lo, hi) \
-             WHERE w.key_hash BETWEEN r.lo AND r.hi \
-             RETURNING w.id, w.updated_at = now()",
-            t = self.table
-        );
-        // BEGIN, then the begin check, this statement and the commit check with COMMIT in one
-        // round trip (Fence::run): in four round trips, the tick was the busiest thing a
-        // resting group of hundreds of workers did.
-        let rows = fence
-            .run(
-                client,
-                &sql,
+        let generation = fence.generation() as i64;
+        let rows = client
+            .query_typed(
+                "SELECT id, ticked FROM shardlease_worker.tick($1::text::regclass, $2, $3, $4, \
+                 $5, $6, $7, $8, $9)",
                 &[
-                    (&member_id, Type::VARCHAR),
+                    (&self.table, Type::TEXT),
+                    (&fence.group(), Type::TEXT),
+                    (&fence.incarnation(), Type::INT8),
+                    (&generation, Type::INT8),
+                    (&fence.lock_timeout_ms(), Type::INT4),
+                    (&member_id, Type::TEXT),
+                    (&gap_ms, Type::FLOAT8),
                     (&ranges.lower_bounds(), Type::INT4_ARRAY),
                     (&ranges.upper_bounds(), Type::INT4_ARRAY),
-                    (&gap_ms, Type::FLOAT8),
                 ],
             )
-            .await?;
+            .await
+            .map_err(|e| fence.error_of(e, &format!("ticking {}", self.table)))?;
         let mut watched: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
         watched.sort_unstable();
         let incremented = rows.iter().filter(|r| r.get::<_, bool>(1)).count();

@@ -484,7 +484,7 @@ async fn a_database_of_the_old_layout_upgrades_to_the_workers_schema() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1, 2, 3, 4], "the history moved with its rows");
+    assert_eq!(versions, [1, 2, 3, 4, 5], "the history moved with its rows");
     let out = db.cli(&["migrate"]).await;
     assert!(out.stdout.contains("already up to date"), "{out}");
     let out = db.cli(&["seed", "--count", "3"]).await;
