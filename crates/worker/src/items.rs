@@ -102,9 +102,9 @@ impl Items {
     /// each range against every row): 1.0 ms for a tick of 3 ranges over 1,000 items by
     /// `EXPLAIN ANALYZE`, against 0.34 ms by the index once the table is analysed. Among 200
     /// workers at rest on 1,000 items, the server's CPU went from 0.29 to 0.25 core (the
-    /// ticks' `UPDATE`s from 0.6 to 0.2 ms each). Autovacuum would
-    /// analyse it only after a minute or more of ticks. (A role that does not own the table
-    /// gets a warning from PostgreSQL, and the statistics autovacuum gathers later.)
+    /// ticks' `UPDATE`s from 0.6 to 0.2 ms each). Autovacuum would analyse it only after a
+    /// minute or more of ticks. (A role that does not own the table gets a warning from
+    /// PostgreSQL, and the statistics autovacuum gathers later.)
     pub async fn seed(
         &self,
         client: &Client,
