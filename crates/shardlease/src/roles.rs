@@ -5,7 +5,9 @@
 //!   fenced transactions: it calls the protocol's functions, which run with their owner's
 //!   rights (SECURITY DEFINER, schema version 4), and reads the groups and leases. It writes no
 //!   table of the schema itself, so it deletes no lease but its own (leave) or a dead member's
-//!   (reap), and the reaper ends only backends proven to be an expired member's.
+//!   (reap), and the reaper ends only backends proven to be an expired member's. It renews
+//!   through the view `shardlease.own_lease` (schema version 9), which shows a session its own
+//!   live lease only and lets it move the expiry no further than one TTL from now.
 //! - An **inspector** (psql users, dashboards) may read the views `shardlease.members` and
 //!   `shardlease.group_status`, and nothing else.
 //! - Neither may create, alter or drop anything: they own nothing, and get no `CREATE`.
@@ -52,8 +54,16 @@ pub const MEMBER_FUNCTIONS: &[&str] = &[
 /// (schema version 8), inlined into the member's statement, and what that read calls.
 pub const MEMBER_READS: &[&str] = &["lease_state", "timeline", "incarnation_timeline"];
 
+/// What a member's statements call from schema version 9 on (the generation a heartbeat
+/// reports), granted where the schema has it.
+const MEMBER_READS_V9: &[&str] = &["reported_generation"];
+
 /// The tables a member reads (its view of the group is read from them).
 pub const MEMBER_TABLES: &[&str] = &["groups", "leases"];
+
+/// The view a member renews its lease through (schema version 9), and the only columns it
+/// may write there: its own live lease's renewal and expiry, within the lease's TTL.
+pub const MEMBER_RENEWAL: &str = "SELECT, UPDATE (renewed_at, expires_at) ON shardlease.own_lease";
 
 /// What an inspector (and a member) reads: the views for psql, and the migration history
 /// (to check the schema's version).
@@ -136,6 +146,12 @@ pub async fn grant(tx: &Transaction<'_>, role: &str, kind: RoleKind) -> Result<G
     for f in overloads(tx, &functions).await? {
         privileges.push(format!("EXECUTE ON FUNCTION {f}"));
     }
+    if kind == RoleKind::Member && has_renewal_view(tx).await? {
+        for f in overloads(tx, MEMBER_READS_V9).await? {
+            privileges.push(format!("EXECUTE ON FUNCTION {f}"));
+        }
+        privileges.push(MEMBER_RENEWAL.to_owned());
+    }
     for p in &privileges {
         exec(tx, &format!("GRANT {p} TO {r}")).await?;
     }
@@ -145,6 +161,18 @@ pub async fn grant(tx: &Transaction<'_>, role: &str, kind: RoleKind) -> Result<G
         privileges,
         warnings,
     })
+}
+
+/// Whether the schema has `shardlease.own_lease` (version 9 and later).
+async fn has_renewal_view(tx: &Transaction<'_>) -> Result<bool> {
+    let row = tx
+        .query_one(
+            "SELECT to_regclass('shardlease.own_lease') IS NOT NULL",
+            &[],
+        )
+        .await
+        .doing(|| "looking for shardlease.own_lease".into())?;
+    Ok(row.get(0))
 }
 
 async fn exec(tx: &Transaction<'_>, sql: &str) -> Result<()> {

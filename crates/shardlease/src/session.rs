@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use backon::{ExponentialBuilder, Retryable};
 use tokio::sync::{mpsc, watch};
 use tokio::time::{interval, Instant, MissedTickBehavior};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Notification, Statement};
 use tokio_util::sync::CancellationToken;
 
@@ -91,12 +92,35 @@ fn unless_undefined(prepared: Result<Statement>) -> Result<Option<Statement>> {
     match prepared {
         Ok(statement) => Ok(Some(statement)),
         Err(Error::NotMigrated { detail }) => {
-            tracing::debug!(%detail, "the schema predates schema version 8: the session uses the older statements");
+            tracing::debug!(%detail, "the schema predates a statement of this build: the session uses the older one");
             Ok(None)
         }
         Err(e) => Err(e),
     }
 }
+
+/// The renewing heartbeat (schema version 9): extend the lease through `shardlease.own_lease`
+/// and report the generation as `shardlease.lease_state` does; probe the slots in `$2` as
+/// `shardlease.heartbeat` does: only when there are any, driven by them (a lookup each: a
+/// generic plan made while the group was small fetched all of the group's leases for every
+/// renewal), and the CASE keeps the try-lock to the probed slots whatever the plan (the order
+/// of a filter's conditions is the planner's).
+const RENEW: &str = "\
+    UPDATE shardlease.own_lease o \
+       SET renewed_at = clock_timestamp(), expires_at = clock_timestamp() + o.ttl \
+      FROM shardlease.groups g \
+     WHERE o.incarnation = $1::bigint AND g.name = o.group_name \
+    RETURNING \
+      shardlease.reported_generation(g.generation, g.announced_generation, g.announced_at), \
+      CASE WHEN cardinality($2::integer[]) > 0 THEN EXISTS ( \
+        SELECT 1 FROM unnest($2::integer[]) p(slot) \
+          JOIN shardlease.leases le ON le.group_name = o.group_name AND le.slot = p.slot \
+         WHERE CASE WHEN le.slot = ANY ($2::integer[]) AND le.slot <> o.slot \
+                    THEN le.expires_at <= clock_timestamp() \
+                         OR pg_try_advisory_xact_lock_shared(g.lock_key, le.slot) \
+                    ELSE false END) \
+      ELSE false END, \
+      o.expires_at";
 
 /// How a member looks for crashed and hung members.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +140,11 @@ struct Prepared {
     /// A heartbeat that renews and probes nothing: a plain read of the lease. `None` on a
     /// schema older than version 8, where every beat calls `heartbeat`.
     read: Option<Statement>,
+    /// A heartbeat that renews (and probes the slots it is given): one plain UPDATE through
+    /// `shardlease.own_lease`. `None` on a schema older than version 9, or once the role
+    /// turned out not to have the privilege (granted before version 9 and not since): then
+    /// renewing beats call `heartbeat`.
+    renew: Option<Statement>,
     check: Check,
     reap: Statement,
     view: Statement,
@@ -224,6 +253,15 @@ impl Driver {
         // new session would otherwise plan each of them afresh at its first five executions
         // (the plan cache's custom plans), which a group of hundreds of members starting at
         // once pays for hundreds of times a second.
+        //
+        // Asynchronous commit: the session's transactions (joins, renewals, leaves, reaps)
+        // do not wait for their WAL to reach disk, so a join does not hold the group row
+        // through a flush. A server crash may lose the last of them, and costs nothing: the
+        // crash ends every session anyway, so a lost join or renewal belonged to a member
+        // that must rejoin, a lost leave or reap is done again by the checkers (the departed
+        // member's slot lock died with the server), and any write that depends on a
+        // membership change (a fenced commit, which commits synchronously on its own
+        // connection) flushes the WAL up to and past that change first.
         let lock_timeout = self.lock_timeout_ms();
         let statement_timeout = timeout_ms(self.cfg.lease_ttl / 2);
         let join_wait = timeout_ms(JOIN_WAIT.max(self.cfg.lease_ttl / 2));
@@ -231,7 +269,8 @@ impl Driver {
             .batch_execute(&format!(
                 "SET lock_timeout = {join_wait}; SET statement_timeout = {join_wait}; \
                  SET idle_in_transaction_session_timeout = {statement_timeout}; \
-                 SET plan_cache_mode = force_generic_plan; LISTEN {CHANNEL}"
+                 SET plan_cache_mode = force_generic_plan; SET synchronous_commit = off; \
+                 LISTEN {CHANNEL}"
             ))
             .await
             .map_err(|e| {
@@ -330,6 +369,7 @@ impl Driver {
                 prepare("SELECT generation, false, expires_at FROM shardlease.lease_state($1::bigint)")
                     .await,
             )?,
+            renew: unless_undefined(prepare(RENEW).await)?,
             check: match unless_undefined(
                 prepare(
                     "SELECT shardlease.flush_announcements($1::text), c.needs_reap, c.ended_sessions, c.probed \
@@ -539,36 +579,48 @@ impl Driver {
         }
     }
 
-    /// One heartbeat: renew the lease when due and probe `probe` through
-    /// `shardlease.heartbeat`, or, on the beats that do neither, read the lease with a plain
-    /// statement (`shardlease.lease_state`). Either way: is the lease live, and which
-    /// generation has the group announced.
+    /// One heartbeat: renew the lease when due, with a plain UPDATE through
+    /// `shardlease.own_lease` (which also probes `probe`); on a beat that only probes (leader
+    /// groups), or on a schema before version 9, through `shardlease.heartbeat`; on the
+    /// beats that do neither, read the lease with a plain statement
+    /// (`shardlease.lease_state`). Either way: is the lease live, and which generation has
+    /// the group announced.
     async fn on_heartbeat(&self, s: &mut Session, probe: Vec<i32>, renew: bool) -> Next {
         let sent = Instant::now();
         let read = s
             .prepared
             .read
-            .as_ref()
+            .clone()
             .filter(|_| !renew && probe.is_empty());
-        // Through `shardlease.heartbeat`: it renews when due, and probes.
-        let via_heartbeat = read.is_none();
-        if via_heartbeat {
+        let plain_renew = s.prepared.renew.clone().filter(|_| renew);
+        if read.is_none() {
             s.renewals += 1;
         }
-        let result = match read {
-            Some(read) => s.client.query_opt(read, &[&s.incarnation]).await,
-            None => {
-                s.client
-                    .query_opt(
-                        &s.prepared.heartbeat,
-                        &[&s.incarnation, &probe, &self.cfg.renew_below_ms()],
-                    )
-                    .await
-            }
+        let result = match (&read, &plain_renew) {
+            (Some(read), _) => s.client.query_opt(read, &[&s.incarnation]).await,
+            (None, Some(renew)) => match s.client.query_opt(renew, &[&s.incarnation, &probe]).await
+            {
+                Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                    let error = Error::Db {
+                        doing: format!("renewing the lease ({})", self.who()),
+                        source: e,
+                    };
+                    tracing::warn!(
+                        group = %self.cfg.group, member = %self.cfg.member_id, %error,
+                        "this role may not renew through shardlease.own_lease (granted before schema version 9): \
+                         renewing through shardlease.heartbeat from now on, at a higher cost; \
+                         grant the role again (shardlease-worker grant, or shardlease::roles::grant)"
+                    );
+                    s.prepared.renew = None;
+                    self.call_heartbeat(s, &probe).await
+                }
+                other => other,
+            },
+            (None, None) => self.call_heartbeat(s, &probe).await,
         };
         let row = match result {
             Ok(row) => row,
-            Err(e) if via_heartbeat => return self.db_error("renewing the lease", e),
+            Err(e) if read.is_none() => return self.db_error("renewing the lease", e),
             Err(e) => return self.db_error("reading the lease", e),
         };
         let Some(row) = row else {
@@ -600,6 +652,20 @@ impl Driver {
             return self.refresh_or_lose(s).await;
         }
         Next::Continue
+    }
+
+    /// `shardlease.heartbeat`: renews when the database clock says so, and probes `probe`.
+    async fn call_heartbeat(
+        &self,
+        s: &Session,
+        probe: &[i32],
+    ) -> std::result::Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+        s.client
+            .query_opt(
+                &s.prepared.heartbeat,
+                &[&s.incarnation, &probe, &self.cfg.renew_below_ms()],
+            )
+            .await
     }
 
     /// One crash check: expiries always; the slot locks when a session of the database has
@@ -904,8 +970,98 @@ fn queued(row: &tokio_postgres::Row, ttl: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use backon::BackoffBuilder;
+    use shardlease_testkit::TestDb;
 
     use super::*;
+
+    /// The slots whose locks this session holds shared (taken by a probe's try-locks, held
+    /// to the end of the transaction).
+    async fn probed_locks(c: &tokio_postgres::Transaction<'_>) -> Vec<i64> {
+        c.query(
+            "SELECT objid::int8 FROM pg_locks \
+              WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND mode = 'ShareLock' \
+              ORDER BY 1",
+            &[],
+        )
+        .await
+        .expect("read this session's shared advisory locks")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    }
+
+    async fn raw_join(c: &Client, member: &str) -> i64 {
+        c.query_one(
+            "SELECT incarnation FROM shardlease.join('g', $1, interval '60 s', '{}', $2)",
+            &[&member, &PROTOCOL_VERSION],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("join as {member}: {e}"))
+        .get(0)
+    }
+
+    /// A probe tries the locks of the probed slots only, whatever the plan: here every scan
+    /// is sequential (as in a generic plan made while the group was small), under which a
+    /// filter ran its try-lock on each of the group's leases before testing the slot.
+    #[tokio::test]
+    async fn a_heartbeat_tries_only_the_probed_slots_locks() {
+        let db = TestDb::migrated().await;
+        // Slots 0 to 2 (the checkers, whom a joiner reaps when dead) stay live; 3 and 4 are
+        // dead (their session closed, their leases kept); this session takes slot 5.
+        let live = db.client().await;
+        for m in ["l0", "l1", "l2"] {
+            raw_join(&live, m).await;
+        }
+        let gone = db.client().await;
+        raw_join(&gone, "d3").await;
+        raw_join(&gone, "d4").await;
+        drop(gone);
+        let mut c = db.client().await;
+        let inc = raw_join(&c, "x").await;
+        shardlease_testkit::eventually(
+            Duration::from_secs(10),
+            "the closed session's slot locks to be free",
+            || async {
+                c.query_one(
+                    "SELECT count(*) = 0 FROM pg_locks WHERE locktype = 'advisory' AND objid IN (3, 4)",
+                    &[],
+                )
+                .await
+                .expect("read pg_locks")
+                .get(0)
+            },
+        )
+        .await;
+
+        let heartbeat = "SELECT suspect FROM shardlease.heartbeat($1, $2, interval '0 s')";
+        for (what, sql) in [("shardlease.heartbeat", heartbeat), ("RENEW", RENEW)] {
+            for (probe, suspect, locks) in [(vec![], false, vec![]), (vec![3], true, vec![3i64])] {
+                let tx = c.transaction().await.expect("begin");
+                tx.batch_execute(
+                    "SET LOCAL plan_cache_mode = force_generic_plan; \
+                     SET LOCAL enable_indexscan = off; SET LOCAL enable_bitmapscan = off",
+                )
+                .await
+                .expect("force sequential scans");
+                let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&inc, &probe];
+                let row = tx
+                    .query_one(sql, &params)
+                    .await
+                    .unwrap_or_else(|e| panic!("{what} probing {probe:?}: {e}"));
+                let found: bool = row.get(if sql == RENEW { 1 } else { 0 });
+                assert_eq!(
+                    found, suspect,
+                    "{what} probing {probe:?}: a dead member found?"
+                );
+                assert_eq!(
+                    probed_locks(&tx).await,
+                    locks,
+                    "{what} probing {probe:?} took the lock of slots it was not asked to probe"
+                );
+                tx.rollback().await.expect("rollback");
+            }
+        }
+    }
 
     #[test]
     fn rejoin_delays_differ_between_members() {

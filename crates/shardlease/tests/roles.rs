@@ -459,3 +459,173 @@ async fn grant_refuses_superusers_roles_with_the_owners_rights_and_unknown_roles
         .expect_err("no schema, no grants");
     assert!(matches!(err, Error::NotMigrated { .. }), "{err:?}");
 }
+
+/// `sql` fails with SQLSTATE 44000 (WITH CHECK OPTION violation).
+async fn out_of_bounds(c: &Client, sql: &str) {
+    match c.batch_execute(sql).await {
+        Ok(()) => panic!("{sql:?} must break shardlease.own_lease's check option"),
+        Err(e) => assert_eq!(
+            e.code().map(|c| c.code()),
+            Some("44000"),
+            "{sql:?} must fail with 44000 (check option violation): {e:?}"
+        ),
+    }
+}
+
+#[tokio::test]
+async fn a_member_renews_only_its_own_live_lease_and_never_past_its_ttl() {
+    let db = TestDb::migrated().await;
+    let member = granted(&db, RoleKind::Member).await;
+    let inspector = granted(&db, RoleKind::Inspector).await;
+    let a = Member::join(&member.pg, fast("g", "a"))
+        .await
+        .expect("join as the member role");
+    let admin = db.client().await;
+    let (_, a_inc) = lease_pid(&admin, "g", "a").await;
+
+    // Another session of the member role sees no lease of its own, so it renews nothing.
+    let m = member.client().await;
+    let touched = m
+        .execute(
+            "UPDATE shardlease.own_lease SET expires_at = clock_timestamp() + ttl",
+            &[],
+        )
+        .await
+        .expect("a member role may update shardlease.own_lease");
+    assert_eq!(
+        touched, 0,
+        "a session that holds no lease renews none (a's is not its own)"
+    );
+
+    // Its own lease, taken by hand with the protocol's join: renewed within its TTL only.
+    let own: i64 = m
+        .query_one(
+            "SELECT incarnation FROM shardlease.join('h', 'x', '5 seconds', '{}', 2)",
+            &[],
+        )
+        .await
+        .expect("join by hand as the member role")
+        .get(0);
+    let renewed = m
+        .query_one(
+            "UPDATE shardlease.own_lease SET renewed_at = clock_timestamp(), \
+                    expires_at = clock_timestamp() + ttl \
+              WHERE incarnation = $1 RETURNING expires_at <= clock_timestamp() + interval '5 seconds'",
+            &[&own],
+        )
+        .await
+        .expect("a member renews its own lease through shardlease.own_lease");
+    assert!(
+        renewed.get::<_, bool>(0),
+        "renewed to at most one TTL from now"
+    );
+    out_of_bounds(
+        &m,
+        "UPDATE shardlease.own_lease SET expires_at = clock_timestamp() + interval '1 hour'",
+    )
+    .await;
+    out_of_bounds(
+        &m,
+        "UPDATE shardlease.own_lease SET renewed_at = clock_timestamp() + interval '1 hour'",
+    )
+    .await;
+    out_of_bounds(
+        &m,
+        "UPDATE shardlease.own_lease SET expires_at = clock_timestamp() - interval '1 second'",
+    )
+    .await;
+    let who = format!("member {}", member.name);
+    refused(
+        &m,
+        &who,
+        "UPDATE shardlease.own_lease SET ttl = interval '1 hour'",
+    )
+    .await;
+    refused(&m, &who, "UPDATE shardlease.own_lease SET slot = 7").await;
+    refused(&m, &who, "DELETE FROM shardlease.own_lease").await;
+    refused(
+        &m,
+        &who,
+        "INSERT INTO shardlease.own_lease (group_name, slot, incarnation, ttl, renewed_at, expires_at) \
+         VALUES ('h', 9, -1, '1s', now(), now())",
+    )
+    .await;
+    // An expired lease stays expired: the view no longer shows it.
+    admin
+        .execute(
+            "UPDATE shardlease.leases SET expires_at = clock_timestamp() - interval '1 second' \
+              WHERE incarnation = $1",
+            &[&own],
+        )
+        .await
+        .expect("expire x's lease");
+    let revived = m
+        .execute(
+            "UPDATE shardlease.own_lease SET expires_at = clock_timestamp() + ttl",
+            &[],
+        )
+        .await
+        .expect("update shardlease.own_lease");
+    assert_eq!(revived, 0, "an expired lease cannot be renewed");
+
+    let c = inspector.client().await;
+    let who = format!("inspector {}", inspector.name);
+    refused(
+        &c,
+        &who,
+        "UPDATE shardlease.own_lease SET renewed_at = renewed_at",
+    )
+    .await;
+    refused(&c, &who, "SELECT * FROM shardlease.own_lease").await;
+
+    let (_, inc_after) = lease_pid(&admin, "g", "a").await;
+    assert_eq!(inc_after, a_inc, "a keeps its lease throughout");
+    a.leave().await.expect("leave");
+}
+
+#[tokio::test]
+async fn a_member_role_granted_before_schema_9_keeps_its_lease_through_the_heartbeat_function() {
+    let db = TestDb::migrated().await;
+    let member = granted(&db, RoleKind::Member).await;
+    let admin = db.client().await;
+    admin
+        .batch_execute(&format!(
+            "REVOKE ALL ON shardlease.own_lease FROM {}",
+            roles::quote_ident(&member.name)
+        ))
+        .await
+        .expect("revoke the renewal view, as before schema version 9");
+    let cfg = fast("g", "a");
+    let ttl = cfg.lease_ttl;
+    let a = Member::join(&member.pg, cfg)
+        .await
+        .expect("join as the member role");
+    let (_, inc) = lease_pid(&admin, "g", "a").await;
+    // Renewed well past three TTLs after joining, by the same incarnation: the member fell
+    // back to shardlease.heartbeat instead of losing its lease.
+    let ttl_ms = ttl.as_millis() as f64;
+    eventually(
+        ttl * 6,
+        "a's lease renewed three TTLs after its join",
+        || async {
+            let row = admin
+                .query_one(
+                    "SELECT incarnation, \
+                        extract(epoch FROM renewed_at - joined_at)::float8 * 1000 > $1::float8 * 3 \
+                   FROM shardlease.leases WHERE group_name = 'g' AND member_id = 'a'",
+                    &[&ttl_ms],
+                )
+                .await
+                .expect("read a's lease");
+            assert_eq!(
+                row.get::<_, i64>(0),
+                inc,
+                "a lost its lease and rejoined: the fallback to shardlease.heartbeat failed"
+            );
+            row.get::<_, bool>(1)
+        },
+    )
+    .await;
+    assert!(a.view().is_joined(), "a is still joined");
+    a.leave().await.expect("leave");
+}

@@ -102,6 +102,8 @@ const MEMBER_EXTRA: &[&str] = &[
     "column public.work_items.currentworker UPDATE",
     "column public.work_items.updated_at UPDATE",
     "column public.work_items.value UPDATE",
+    "column shardlease.own_lease.expires_at UPDATE",
+    "column shardlease.own_lease.renewed_at UPDATE",
     "function shardlease.await_departure(text, bigint, integer, integer) EXECUTE",
     "function shardlease.fence_begin(text, bigint, bigint) EXECUTE",
     "function shardlease.fence_commit(bigint, bigint, integer) EXECUTE",
@@ -117,9 +119,11 @@ const MEMBER_EXTRA: &[&str] = &[
     "function shardlease.needs_reap(text) EXECUTE",
     "function shardlease.needs_reap(text, bigint) EXECUTE",
     "function shardlease.reap(text) EXECUTE",
+    "function shardlease.reported_generation(bigint, bigint, timestamp with time zone) EXECUTE",
     "function shardlease.timeline() EXECUTE",
     "relation shardlease.groups SELECT",
     "relation shardlease.leases SELECT",
+    "relation shardlease.own_lease SELECT",
 ];
 
 fn sorted(lists: &[&[&str]]) -> Vec<String> {
