@@ -7,11 +7,14 @@ use std::time::Duration;
 
 use futures_util::{stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_postgres::config::SslMode;
+use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{AsyncMessage, CancelToken, Client, Config, Connection, NoTls, Notification};
 
 use crate::error::{Error, Result};
+use crate::tcp::{self, Endpoints};
 use crate::tls::{self, ClientCert, RootCert, TlsMode, Verification};
 
 /// Where to connect and how: tokio-postgres's [`Config`] plus the TLS settings (libpq's
@@ -345,6 +348,46 @@ pub(crate) async fn connect(
     db: &DbConfig,
     application_name: &str,
 ) -> Result<(Client, mpsc::UnboundedReceiver<Notification>)> {
+    let (client, notifications, _) = connect_over(db, application_name, None).await?;
+    Ok((client, notifications))
+}
+
+/// [`connect`] for a member's session connection: when `db` names one TCP server, over a
+/// TCP stream this process opens itself, whose two ends it returns (the pooler check's proof
+/// without a probe: see [`crate::tcp`]). Otherwise, or when that stream cannot be opened,
+/// as [`connect`] does (and with its errors), without the ends.
+pub(crate) async fn connect_session(
+    db: &DbConfig,
+    application_name: &str,
+) -> Result<(
+    Client,
+    mpsc::UnboundedReceiver<Notification>,
+    Option<Endpoints>,
+)> {
+    let stream = match tcp::single_target(&db.pg) {
+        Some((host, hostaddr, port)) => match tcp::open(&db.pg, &host, hostaddr, port).await {
+            Ok((stream, ends)) => Some((host, stream, ends)),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not open the session's TCP stream; the driver tries");
+                None
+            }
+        },
+        None => None,
+    };
+    connect_over(db, application_name, stream).await
+}
+
+/// Connect over `stream` (its host name, for TLS, and its ends) when given, else by the
+/// driver's own connect.
+async fn connect_over(
+    db: &DbConfig,
+    application_name: &str,
+    stream: Option<(String, TcpStream, Endpoints)>,
+) -> Result<(
+    Client,
+    mpsc::UnboundedReceiver<Notification>,
+    Option<Endpoints>,
+)> {
     let mut cfg = db.pg.clone();
     cfg.application_name(application_name);
     let target = describe_target(&cfg);
@@ -363,22 +406,41 @@ pub(crate) async fn connect(
             cause: e,
         },
     };
-    match db.verification() {
-        None => {
+    match (db.verification(), stream) {
+        (None, None) => {
             cfg.ssl_mode(SslMode::Disable);
             let (client, connection) = cfg.connect(NoTls).await.map_err(failed)?;
-            Ok((client, drive(connection)))
+            Ok((client, drive(connection), None))
         }
-        Some(verification) => {
-            let connector =
+        (None, Some((_, stream, ends))) => {
+            cfg.ssl_mode(SslMode::Disable);
+            let (client, connection) = cfg.connect_raw(stream, NoTls).await.map_err(failed)?;
+            Ok((client, drive(connection), Some(ends)))
+        }
+        (Some(verification), stream) => {
+            let mut connector =
                 tls::connector(verification, db.root_cert.as_ref(), db.client_cert.as_ref())
                     .map_err(|detail| Error::Tls {
                         target: target.clone(),
                         detail,
                     })?;
             cfg.ssl_mode(SslMode::Require);
-            let (client, connection) = cfg.connect(connector).await.map_err(failed)?;
-            Ok((client, drive(connection)))
+            match stream {
+                None => {
+                    let (client, connection) = cfg.connect(connector).await.map_err(failed)?;
+                    Ok((client, drive(connection), None))
+                }
+                Some((host, stream, ends)) => {
+                    let tls = MakeTlsConnect::<TcpStream>::make_tls_connect(&mut connector, &host)
+                        .map_err(|e| Error::Tls {
+                            target: target.clone(),
+                            detail: format!("the host name {host:?} cannot be verified: {e}"),
+                        })?;
+                    let (client, connection) =
+                        cfg.connect_raw(stream, tls).await.map_err(failed)?;
+                    Ok((client, drive(connection), Some(ends)))
+                }
+            }
         }
     }
 }

@@ -79,6 +79,7 @@ pub mod protocol;
 pub mod roles;
 mod session;
 pub mod shard_table;
+mod tcp;
 mod tls;
 mod view;
 

@@ -35,15 +35,31 @@
 //! connection it runs them all: 2 + 4 × `ROUNDS` round trips and one connection, once per
 //! join.
 //!
+//! # The proof without a probe
+//!
+//! When this process opened the session's TCP stream itself ([`crate::tcp`]), it knows the
+//! stream's two ends, and asks the backend for its own view of its client
+//! (`inet_client_addr`, `inet_client_port`) and of itself (`inet_server_addr`,
+//! `inet_server_port`). A TCP connection is named by those four values, so when they are
+//! this stream's two ends the backend serves this very stream: no pooler stands between,
+//! and the probe, its connection and its round trips are skipped. That is the case of a
+//! member that connects straight to PostgreSQL by host name or address. A pooler's backend
+//! sees the pooler's own connection (another client port, and the pooler's address), so it
+//! never passes; nor does a direct connection through address translation (a Kubernetes
+//! Service's virtual address: the server sees its own address) or over a Unix-domain socket
+//! (no addresses): those run the probe, as before.
+//!
 //! Every statement is a simple query or an unnamed one (no named prepared statements, which
 //! a transaction pooler would break with a confusing error before the probe could explain).
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::connect::{connect_client, DbConfig};
 use crate::error::{Error, Result};
+use crate::tcp::Endpoints;
 
 /// The most the whole probe may take. A direct server answers it in a few round trips; a
 /// pooler whose pool is exhausted would make the probe wait (PgBouncer queues clients for up
@@ -59,17 +75,27 @@ const REMEDY: &str = "point DATABASE_URL (the session connection) directly at Po
 /// `client` (a member's session connection, made from `pg`) and PostgreSQL. `target` names
 /// the connection in the error (see [`describe_target`](crate::describe_target)).
 ///
-/// Opens one short-lived probe connection from `pg` (see the module documentation) and runs
-/// up to 1 + 2 × [`ROUNDS`] statements on `client`; call it once per join, before the join
-/// transaction, with no transaction open on `client`. A probe that cannot connect fails with
-/// that error. A probe that does not finish within [`PROBE_TIMEOUT`] proves nothing (for
-/// example, a session-mode pool with no server connection to spare for the probe makes it
-/// wait): it is logged as a warning and the check passes.
+/// When `ends` (the session's TCP stream, if this process opened it) prove a direct
+/// connection, that is all: one statement. Otherwise opens one short-lived probe connection
+/// from `pg` (see the module documentation) and runs up to 1 + 2 × [`ROUNDS`] statements on
+/// `client`. Call it once per join, before the join transaction, with no transaction open
+/// on `client`. A probe that cannot connect fails with that error. A probe that does not
+/// finish within [`PROBE_TIMEOUT`] proves nothing (for example, a session-mode pool with no
+/// server connection to spare for the probe makes it wait): it is logged as a warning and
+/// the check passes.
 pub(crate) async fn check_session_not_pooled(
     pg: &DbConfig,
     client: &Client,
+    ends: Option<Endpoints>,
     target: &str,
 ) -> Result<()> {
+    if let Some(ends) = ends {
+        if serves_this_stream(client, ends).await? {
+            tracing::debug!(database = %target, local = %ends.local, peer = %ends.peer,
+                "the session's backend serves its own TCP stream: no pooler");
+            return Ok(());
+        }
+    }
     match tokio::time::timeout(PROBE_TIMEOUT, probe(pg, client)).await {
         Ok(Ok(Verdict::Direct)) => Ok(()),
         Ok(Ok(Verdict::Pooled(why))) => Err(Error::PooledSession {
@@ -95,6 +121,27 @@ enum Verdict {
     Direct,
     /// A pooler; why we know.
     Pooled(String),
+}
+
+/// Whether the backend serving `client` reports `ends` as its TCP connection's two ends (see
+/// the module documentation). `false` when it has no addresses (a Unix-domain socket).
+async fn serves_this_stream(client: &Client, ends: Endpoints) -> Result<bool> {
+    let row = client
+        .query_typed_one(
+            "SELECT host(inet_client_addr()), inet_client_port(), \
+                    host(inet_server_addr()), inet_server_port()",
+            &[],
+        )
+        .await?;
+    let end = |addr: usize, port: usize| -> Option<(IpAddr, u16)> {
+        let ip = row.get::<_, Option<String>>(addr)?.parse().ok()?;
+        let port = u16::try_from(row.get::<_, Option<i32>>(port)?).ok()?;
+        Some((ip, port))
+    };
+    Ok(match (end(0, 1), end(2, 3)) {
+        (Some(client), Some(server)) => ends.are(client, server),
+        _ => false,
+    })
 }
 
 /// Rounds of the probe (steps 2 to 5 of the module documentation) before concluding that
@@ -192,20 +239,39 @@ mod tests {
         assert!(matches!(judge(1, 2, 3), Some(Verdict::Pooled(m)) if m.contains("pid 1, then 3")));
     }
 
-    /// Run the check `tries` times on one session connection to `url`; how many said pooled.
-    async fn detections(url: &str, tries: usize) -> (usize, Option<Error>) {
+    /// How the check runs: as a member's does, with the ends of the session's own TCP
+    /// stream, or with the probe alone.
+    #[derive(Clone, Copy, Debug)]
+    enum Via {
+        Ends,
+        Probe,
+    }
+
+    /// A session connection to `url`, opened as a member's is, with its TCP ends.
+    async fn session(url: &str) -> (Client, Option<Endpoints>) {
         let pg = crate::parse_database_url(url).expect("test URL parses");
-        let client = connect_client(&pg, "shardlease pooler test")
-            .await
-            .expect("connect the session");
+        let (client, _notifications, ends) =
+            crate::connect::connect_session(&pg, "shardlease pooler test")
+                .await
+                .expect("connect the session");
+        (client, ends)
+    }
+
+    /// Run the check `tries` times on one session connection to `url`; how many said pooled.
+    async fn detections(url: &str, tries: usize, via: Via) -> (usize, Option<Error>) {
+        let pg = crate::parse_database_url(url).expect("test URL parses");
+        let (client, ends) = session(url).await;
+        let ends = match via {
+            Via::Ends => Some(ends.expect("a TCP URL: the member opens the stream itself")),
+            Via::Probe => None,
+        };
         let mut pooled = 0;
         let mut last = None;
         for _ in 0..tries {
-            match check_session_not_pooled(&pg, &client, "the test target").await {
+            match check_session_not_pooled(&pg, &client, ends, "the test target").await {
                 Ok(()) => {}
                 Err(e @ Error::PooledSession { .. }) => {
                     pooled += 1;
-                    eprintln!("DBG {e}");
                     last = Some(e);
                 }
                 Err(e) => panic!("the probe failed: {e}"),
@@ -217,8 +283,40 @@ mod tests {
     #[tokio::test]
     async fn a_direct_connection_is_never_called_pooled() {
         let db = TestDb::empty().await;
-        let (pooled, last) = detections(&db.url, TRIES).await;
-        assert_eq!(pooled, 0, "direct connection called pooled: {last:?}");
+        for via in [Via::Ends, Via::Probe] {
+            let (pooled, last) = detections(&db.url, TRIES, via).await;
+            assert_eq!(
+                pooled, 0,
+                "direct connection called pooled ({via:?}): {last:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn only_a_direct_tcp_session_is_proven_by_its_own_ends() {
+        let db = TestDb::empty().await;
+        let (client, ends) = session(&db.url).await;
+        let ends = ends.expect("a TCP URL: the member opens the stream itself");
+        assert!(
+            serves_this_stream(&client, ends).await.expect("ask"),
+            "a direct session's backend does not report its stream's ends {ends:?}"
+        );
+        // Another stream's ends, to the same server from the same process, prove nothing.
+        let (_other, other_ends) = session(&db.url).await;
+        let other_ends = other_ends.expect("a TCP URL");
+        assert!(!serves_this_stream(&client, other_ends).await.expect("ask"));
+        // Behind a pooler, even a session-mode one, the backend sees the pooler's connection.
+        for mode in [PoolMode::Session, PoolMode::Transaction] {
+            let Some(bouncer) = PgBouncer::start(mode, 4).await else {
+                return;
+            };
+            let (client, ends) = session(&bouncer.url(&db.name)).await;
+            let ends = ends.expect("a TCP URL");
+            assert!(
+                !serves_this_stream(&client, ends).await.expect("ask"),
+                "a session through PgBouncer ({mode:?}) proven direct by {ends:?}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -227,7 +325,7 @@ mod tests {
         let Some(bouncer) = PgBouncer::start(PoolMode::Session, 4).await else {
             return;
         };
-        let (pooled, last) = detections(&bouncer.url(&db.name), TRIES).await;
+        let (pooled, last) = detections(&bouncer.url(&db.name), TRIES, Via::Ends).await;
         assert_eq!(pooled, 0, "session-mode pool called pooled: {last:?}");
     }
 
@@ -240,7 +338,7 @@ mod tests {
             return;
         };
         let started = std::time::Instant::now();
-        let (pooled, last) = detections(&bouncer.url(&db.name), 1).await;
+        let (pooled, last) = detections(&bouncer.url(&db.name), 1, Via::Ends).await;
         assert_eq!(pooled, 0, "a full session pool called pooled: {last:?}");
         let took = started.elapsed();
         assert!(
@@ -255,7 +353,7 @@ mod tests {
         let Some(bouncer) = PgBouncer::start(PoolMode::Transaction, 4).await else {
             return;
         };
-        let (pooled, last) = detections(&bouncer.url(&db.name), TRIES).await;
+        let (pooled, last) = detections(&bouncer.url(&db.name), TRIES, Via::Ends).await;
         assert_eq!(
             pooled,
             TRIES,
@@ -304,7 +402,7 @@ mod tests {
                 }
             }));
         }
-        let (pooled, last) = detections(&url, 5 * TRIES).await;
+        let (pooled, last) = detections(&url, 5 * TRIES, Via::Ends).await;
         stop.cancel();
         for n in noise {
             n.await.expect("noise task");
@@ -322,7 +420,7 @@ mod tests {
         let Some(bouncer) = PgBouncer::start(PoolMode::Statement, 4).await else {
             return;
         };
-        let (pooled, last) = detections(&bouncer.url(&db.name), TRIES).await;
+        let (pooled, last) = detections(&bouncer.url(&db.name), TRIES, Via::Ends).await;
         assert_eq!(pooled, TRIES, "statement pooling missed: {last:?}");
     }
 }

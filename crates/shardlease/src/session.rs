@@ -26,7 +26,7 @@ use tokio_postgres::{Client, Notification, Statement};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::MemberConfig;
-use crate::connect::{connect, DbConfig};
+use crate::connect::{connect_session, DbConfig};
 use crate::error::{classify, Doing, Error, Result};
 use crate::member::timeout_ms;
 use crate::notification::Change;
@@ -231,11 +231,12 @@ impl Driver {
             "shardlease {}/{} joining",
             self.cfg.group, self.cfg.member_id
         ));
-        let (client, notifications) = connect(&self.pg, &app).await?;
+        let (client, notifications, ends) = connect_session(&self.pg, &app).await?;
         if first {
             crate::pooler::check_session_not_pooled(
                 &self.pg,
                 &client,
+                ends,
                 &crate::describe_target(&self.pg),
             )
             .await?;
