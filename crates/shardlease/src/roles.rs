@@ -163,13 +163,17 @@ pub async fn grant(tx: &Transaction<'_>, role: &str, kind: RoleKind) -> Result<G
     })
 }
 
-/// Whether the schema has `shardlease.own_lease` (version 9 and later).
+/// Whether the schema has `shardlease.own_lease` (version 9 and later), as the migrations'
+/// baseline probe of version 9 tells.
 async fn has_renewal_view(tx: &Transaction<'_>) -> Result<bool> {
+    let Some(probe) = crate::migrate::LIBRARY_PROBES
+        .iter()
+        .find(|p| p.version == 9)
+    else {
+        return Ok(false);
+    };
     let row = tx
-        .query_one(
-            "SELECT to_regclass('shardlease.own_lease') IS NOT NULL",
-            &[],
-        )
+        .query_one(probe.sql, &[])
         .await
         .doing(|| "looking for shardlease.own_lease".into())?;
     Ok(row.get(0))
