@@ -66,6 +66,7 @@ pub mod assignment;
 pub mod backoff;
 mod config;
 mod connect;
+mod crash_check;
 mod error;
 mod fence;
 pub mod hash;

@@ -196,6 +196,10 @@ pub const LIBRARY_PROBES: &[BaselineProbe] = &[
         version: 9,
         sql: "SELECT to_regclass('shardlease.own_lease') IS NOT NULL",
     },
+    BaselineProbe {
+        version: 10,
+        sql: "SELECT to_regprocedure('shardlease.needs_reap(text,bigint,boolean)') IS NOT NULL",
+    },
 ];
 
 /// Apply the library's migrations. Idempotent, and safe when many processes run it at once:

@@ -5,9 +5,10 @@
 //! Cost at rest, per member and heartbeat: one statement, whatever the group size: every
 //! other beat `shardlease.heartbeat` renews the lease, and the beats between read it with a
 //! plain statement. Only the [`CHECKERS`] lowest slots look for crashes, once per crash-check
-//! interval each: a look at the expiries, and a shared try-lock per lease (no `pg_locks`
-//! scan) only when a session of the database has ended since the checker last looked, or
-//! once per heartbeat ([`CheckState`]). Everyone else's heartbeat probes the checkers' slot
+//! interval each: one read of a shared counter, a look at the expiries only when one may have
+//! come due, and a shared try-lock per lease (no `pg_locks` scan) only when a session of the
+//! database has ended since the checker last looked, or once per heartbeat
+//! ([`crate::crash_check`]). Everyone else's heartbeat probes the checkers' slot
 //! locks now and then, so that a group whose checkers all died still notices. Membership
 //! changes arrive as notifications that carry the change, applied to the view without a
 //! re-read when they follow on from it (a re-read otherwise, once per burst).
@@ -27,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::MemberConfig;
 use crate::connect::{connect_session, DbConfig};
+use crate::crash_check::{CheckState, Checked};
 use crate::error::{classify, Doing, Error, Result};
 use crate::member::timeout_ms;
 use crate::notification::Change;
@@ -44,47 +46,6 @@ const PROBE_EVERY: u64 = 4;
 /// How long a join may wait for its turn at the group row (at least half the TTL): see
 /// `open_session`. 200 workers started at once join in about 10 s on 2 cores.
 const JOIN_WAIT: Duration = Duration::from_secs(30);
-
-/// A checker's memory between crash checks: the count of the database's sessions that
-/// ended without their client's goodbye (`shardlease.ended_sessions()`) as of its last check,
-/// and when it last probed every slot lock.
-///
-/// A crashed member's backend releases its slot lock before that count moves, so a check
-/// that finds the count where it was need not probe the locks: at rest a check costs a look
-/// at the expiries and one read of a shared counter, not a try-lock per member. The locks are
-/// still probed once per heartbeat whatever the count says, for the sessions it does not
-/// count (a member that closes its connection without leaving), and at every check after one
-/// that found something, until the group is clean again (a reap that found the group row
-/// busy is then tried again at once).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct CheckState {
-    ended_sessions: Option<i64>,
-    probed_at: Option<Instant>,
-}
-
-impl CheckState {
-    /// The count to pass to `shardlease.needs_reap`: `None` (probe every lock) when there is
-    /// none, or when the last full probe is a heartbeat old.
-    fn seen(&self, heartbeat: Duration) -> Option<i64> {
-        match self.probed_at {
-            Some(at) if at.elapsed() < heartbeat => self.ended_sessions,
-            _ => None,
-        }
-    }
-
-    fn record(
-        &mut self,
-        needs_reap: bool,
-        ended_sessions: Option<i64>,
-        probed: bool,
-        now: Instant,
-    ) {
-        if probed {
-            self.probed_at = Some(now);
-        }
-        self.ended_sessions = if needs_reap { None } else { ended_sessions };
-    }
-}
 
 /// `Ok(None)` when a statement could not be prepared because a function it calls does not
 /// exist (the schema predates it).
@@ -150,9 +111,28 @@ struct Prepared {
     view: Statement,
 }
 
+/// The crash check of schema version 10: flush the group's due announcements, then look for
+/// dead members, at the expiries only when asked ([`crate::crash_check`]).
+const SCHEDULED_CHECK: &str = "\
+    SELECT shardlease.flush_announcements($1::text), c.needs_reap, c.ended_sessions, c.probed, \
+           c.looked, c.next_expiry_ms \
+      FROM shardlease.needs_reap($1::text, $2::bigint, $3::boolean) c";
+
+/// The crash check of schema version 8 (expiries at every check).
+const GATED_CHECK: &str = "\
+    SELECT shardlease.flush_announcements($1::text), c.needs_reap, c.ended_sessions, c.probed \
+      FROM shardlease.needs_reap($1::text, $2::bigint) c";
+
+/// The crash check of older schemas (every slot lock at every check).
+const FULL_CHECK: &str =
+    "SELECT shardlease.flush_announcements($1::text), shardlease.needs_reap($1::text)";
+
 /// The crash check, by schema version.
 enum Check {
-    /// Version 8: probes the slot locks only when a session has ended ([`CheckState`]).
+    /// Version 10: also looks at the expiries only when asked ([`crate::crash_check`]).
+    Scheduled(Statement),
+    /// Version 8: probes the slot locks only when a session has ended, looks at the
+    /// expiries at every check.
     Gated(Statement),
     /// Older schemas: probes every slot lock at every check.
     Full(Statement),
@@ -371,20 +351,12 @@ impl Driver {
                     .await,
             )?,
             renew: unless_undefined(prepare(RENEW).await)?,
-            check: match unless_undefined(
-                prepare(
-                    "SELECT shardlease.flush_announcements($1::text), c.needs_reap, c.ended_sessions, c.probed \
-                     FROM shardlease.needs_reap($1::text, $2::bigint) c",
-                )
-                .await,
-            )? {
-                Some(check) => Check::Gated(check),
-                None => Check::Full(
-                    prepare(
-                        "SELECT shardlease.flush_announcements($1::text), shardlease.needs_reap($1::text)",
-                    )
-                    .await?,
-                ),
+            check: match unless_undefined(prepare(SCHEDULED_CHECK).await)? {
+                Some(check) => Check::Scheduled(check),
+                None => match unless_undefined(prepare(GATED_CHECK).await)? {
+                    Some(check) => Check::Gated(check),
+                    None => Check::Full(prepare(FULL_CHECK).await?),
+                },
             },
             reap: prepare(
                 "SELECT member_id, slot, incarnation, reason, generation FROM shardlease.reap($1::text)",
@@ -669,30 +641,59 @@ impl Driver {
             .await
     }
 
-    /// One crash check: expiries always; the slot locks when a session of the database has
-    /// ended since this checker last looked, and at least once per heartbeat (see
-    /// [`CheckState`]).
+    /// One crash check: the slot locks when a session of the database has ended since this
+    /// checker last looked, and at least once per heartbeat; the expiries when one may have
+    /// come due (see [`crate::crash_check`]).
     async fn on_crash_check(&self, s: &mut Session) -> Next {
         let seen = s.checks.seen(self.cfg.heartbeat);
+        let sent = Instant::now();
+        let generation = self.view.borrow().generation;
         let result = match &s.prepared.check {
+            Check::Scheduled(check) => {
+                let look = s.checks.look_expiries(generation, sent);
+                s.client
+                    .query_one(check, &[&self.cfg.group, &seen, &look])
+                    .await
+                    .map(|row| Checked {
+                        needs_reap: row.get(1),
+                        ended_sessions: row.get(2),
+                        probed: row.get(3),
+                        looked: row.get(4),
+                        next_expiry: row
+                            .get::<_, Option<i64>>(5)
+                            .map(|ms| Duration::from_millis(ms.max(0) as u64)),
+                    })
+            }
             Check::Gated(check) => s
                 .client
                 .query_one(check, &[&self.cfg.group, &seen])
                 .await
-                .map(|row| (row.get(1), row.get(2), row.get(3))),
+                .map(|row| Checked {
+                    needs_reap: row.get(1),
+                    ended_sessions: row.get(2),
+                    probed: row.get(3),
+                    looked: false,
+                    next_expiry: None,
+                }),
             Check::Full(check) => s
                 .client
                 .query_one(check, &[&self.cfg.group])
                 .await
-                .map(|row| (row.get(1), None, true)),
+                .map(|row| Checked {
+                    needs_reap: row.get(1),
+                    ended_sessions: None,
+                    probed: true,
+                    looked: false,
+                    next_expiry: None,
+                }),
         };
-        let (needs_reap, ended_sessions, probed) = match result {
+        let checked = match result {
             Ok(checked) => checked,
             Err(e) => return self.db_error("checking the group for crashed or expired members", e),
         };
         s.checks
-            .record(needs_reap, ended_sessions, probed, Instant::now());
-        if needs_reap {
+            .record(checked, sent, generation, self.cfg.heartbeat);
+        if checked.needs_reap {
             self.reap(s).await
         } else {
             Next::Continue
@@ -1075,45 +1076,5 @@ mod tests {
         let (a, b) = (delays(), delays());
         assert_ne!(a, b, "two members drew the same jittered delays: {a:?}");
         assert!(a.iter().all(|d| *d >= Duration::from_millis(50)));
-    }
-
-    #[test]
-    fn checks_skip_the_probe_only_after_a_clean_recent_one() {
-        let beat = Duration::from_secs(1);
-        let now = Instant::now();
-        let mut c = CheckState::default();
-        assert_eq!(c.seen(beat), None, "the first check probes every lock");
-
-        c.record(false, Some(7), true, now);
-        assert_eq!(
-            c.seen(beat),
-            Some(7),
-            "a clean probe: the next check compares counts"
-        );
-        c.record(false, Some(7), false, now);
-        assert_eq!(c.seen(beat), Some(7));
-
-        c.record(true, Some(8), true, now);
-        assert_eq!(
-            c.seen(beat),
-            None,
-            "found something: probe again until clean"
-        );
-        c.record(false, Some(8), true, now);
-        assert_eq!(c.seen(beat), Some(8));
-
-        c.record(false, None, true, now);
-        assert_eq!(
-            c.seen(beat),
-            None,
-            "no count (PostgreSQL 14): every check probes"
-        );
-
-        let long_ago = now
-            .checked_sub(beat * 2)
-            .expect("the clock is past two seconds");
-        let mut c = CheckState::default();
-        c.record(false, Some(7), true, long_ago);
-        assert_eq!(c.seen(beat), None, "the last full probe is a heartbeat old");
     }
 }

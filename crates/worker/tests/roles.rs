@@ -118,6 +118,7 @@ const MEMBER_EXTRA: &[&str] = &[
     "function shardlease.leave(bigint) EXECUTE",
     "function shardlease.needs_reap(text) EXECUTE",
     "function shardlease.needs_reap(text, bigint) EXECUTE",
+    "function shardlease.needs_reap(text, bigint, boolean) EXECUTE",
     "function shardlease.reap(text) EXECUTE",
     "function shardlease.reported_generation(bigint, bigint, timestamp with time zone) EXECUTE",
     "function shardlease.timeline() EXECUTE",
