@@ -20,7 +20,7 @@ use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use backon::{ExponentialBuilder, Retryable};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OnceCell};
 use tokio::time::{interval, Instant, MissedTickBehavior};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Notification, Statement};
@@ -95,9 +95,15 @@ pub(crate) enum Detection {
     Ring,
 }
 
-/// The statements a session runs every heartbeat or check, prepared once per connection.
+/// The statements a session runs every heartbeat or check, prepared once per connection:
+/// those every member runs when it joins, the others (the crash check and the reap, which
+/// only the three checkers run, and `shardlease.heartbeat`, which only leader groups and old
+/// schemas call) on first use, which spares a cold start of 1,000 members as many Parse
+/// messages, each with its catalog lookups in a fresh backend.
 struct Prepared {
-    heartbeat: Statement,
+    /// `shardlease.heartbeat`: a beat that probes without renewing (leader groups), or every
+    /// beat on a schema older than version 8.
+    heartbeat: OnceCell<Statement>,
     /// A heartbeat that renews and probes nothing: a plain read of the lease. `None` on a
     /// schema older than version 8, where every beat calls `heartbeat`.
     read: Option<Statement>,
@@ -106,10 +112,18 @@ struct Prepared {
     /// turned out not to have the privilege (granted before version 9 and not since): then
     /// renewing beats call `heartbeat`.
     renew: Option<Statement>,
-    check: Check,
-    reap: Statement,
+    check: OnceCell<Check>,
+    reap: OnceCell<Statement>,
     view: Statement,
 }
+
+/// The PL/pgSQL heartbeat ([`Prepared::heartbeat`]).
+const HEARTBEAT: &str = "SELECT generation, suspect, expires_at \
+    FROM shardlease.heartbeat($1::bigint, $2::integer[], $3::bigint * interval '1 millisecond')";
+
+/// The reap.
+const REAP: &str =
+    "SELECT member_id, slot, incarnation, reason, generation FROM shardlease.reap($1::text)";
 
 /// The crash check of schema version 10: flush the group's due announcements, then look for
 /// dead members, at the expiries only when asked ([`crate::crash_check`]).
@@ -126,6 +140,21 @@ const GATED_CHECK: &str = "\
 /// The crash check of older schemas (every slot lock at every check).
 const FULL_CHECK: &str =
     "SELECT shardlease.flush_announcements($1::text), shardlease.needs_reap($1::text)";
+
+/// Prepare the crash check of the newest schema version the database has.
+async fn prepare_check(client: &Client) -> std::result::Result<Check, tokio_postgres::Error> {
+    let undefined = |e: &tokio_postgres::Error| e.code() == Some(&SqlState::UNDEFINED_FUNCTION);
+    match client.prepare(SCHEDULED_CHECK).await {
+        Ok(check) => return Ok(Check::Scheduled(check)),
+        Err(e) if !undefined(&e) => return Err(e),
+        Err(_) => {}
+    }
+    match client.prepare(GATED_CHECK).await {
+        Ok(check) => Ok(Check::Gated(check)),
+        Err(e) if undefined(&e) => client.prepare(FULL_CHECK).await.map(Check::Full),
+        Err(e) => Err(e),
+    }
+}
 
 /// The crash check, by schema version.
 enum Check {
@@ -339,29 +368,18 @@ impl Driver {
             })
         };
         Ok(Prepared {
-            heartbeat: prepare(
-                "SELECT generation, suspect, expires_at \
-                 FROM shardlease.heartbeat($1::bigint, $2::integer[], $3::bigint * interval '1 millisecond')",
-            )
-            .await?,
+            heartbeat: OnceCell::new(),
             // Schema version 8's statements, and what older schemas offer instead (an
             // embedder may run this build before migrating; the worker refuses to).
             read: unless_undefined(
-                prepare("SELECT generation, false, expires_at FROM shardlease.lease_state($1::bigint)")
-                    .await,
+                prepare(
+                    "SELECT generation, false, expires_at FROM shardlease.lease_state($1::bigint)",
+                )
+                .await,
             )?,
             renew: unless_undefined(prepare(RENEW).await)?,
-            check: match unless_undefined(prepare(SCHEDULED_CHECK).await)? {
-                Some(check) => Check::Scheduled(check),
-                None => match unless_undefined(prepare(GATED_CHECK).await)? {
-                    Some(check) => Check::Gated(check),
-                    None => Check::Full(prepare(FULL_CHECK).await?),
-                },
-            },
-            reap: prepare(
-                "SELECT member_id, slot, incarnation, reason, generation FROM shardlease.reap($1::text)",
-            )
-            .await?,
+            check: OnceCell::new(),
+            reap: OnceCell::new(),
             view: prepare(
                 "SELECT g.generation, g.slot_count, l.member_id, l.slot, l.incarnation \
                  FROM shardlease.groups g \
@@ -633,9 +651,14 @@ impl Driver {
         s: &Session,
         probe: &[i32],
     ) -> std::result::Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+        let heartbeat = s
+            .prepared
+            .heartbeat
+            .get_or_try_init(|| s.client.prepare(HEARTBEAT))
+            .await?;
         s.client
             .query_opt(
-                &s.prepared.heartbeat,
+                heartbeat,
                 &[&s.incarnation, &probe, &self.cfg.renew_below_ms()],
             )
             .await
@@ -648,7 +671,16 @@ impl Driver {
         let seen = s.checks.seen(self.cfg.heartbeat);
         let sent = Instant::now();
         let generation = self.view.borrow().generation;
-        let result = match &s.prepared.check {
+        let check = match s
+            .prepared
+            .check
+            .get_or_try_init(|| prepare_check(&s.client))
+            .await
+        {
+            Ok(check) => check,
+            Err(e) => return self.db_error("preparing the crash check", e),
+        };
+        let result = match check {
             Check::Scheduled(check) => {
                 let look = s.checks.look_expiries(generation, sent);
                 s.client
@@ -710,10 +742,19 @@ impl Driver {
         let reap_wait = format!("SET lock_timeout = {}", timeout_ms(self.cfg.heartbeat / 4));
         let restore = format!("SET lock_timeout = {}", self.lock_timeout_ms());
         // One round trip: the three statements are pipelined, and run in order.
+        let reap = match s
+            .prepared
+            .reap
+            .get_or_try_init(|| s.client.prepare(REAP))
+            .await
+        {
+            Ok(reap) => reap,
+            Err(e) => return self.db_error("preparing the reap", e),
+        };
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.cfg.group];
         let (waiting, reaped, restored) = tokio::join!(
             s.client.batch_execute(&reap_wait),
-            s.client.query(&s.prepared.reap, &params),
+            s.client.query(reap, &params),
             s.client.batch_execute(&restore),
         );
         if let Err(e) = waiting.and(restored) {
