@@ -741,7 +741,6 @@ impl Driver {
     async fn reap(&self, s: &Session) -> Next {
         let reap_wait = format!("SET lock_timeout = {}", timeout_ms(self.cfg.heartbeat / 4));
         let restore = format!("SET lock_timeout = {}", self.lock_timeout_ms());
-        // One round trip: the three statements are pipelined, and run in order.
         let reap = match s
             .prepared
             .reap
@@ -751,6 +750,7 @@ impl Driver {
             Ok(reap) => reap,
             Err(e) => return self.db_error("preparing the reap", e),
         };
+        // One round trip: the three statements are pipelined, and run in order.
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&self.cfg.group];
         let (waiting, reaped, restored) = tokio::join!(
             s.client.batch_execute(&reap_wait),
