@@ -3,8 +3,8 @@
 //! group's checkers, and reconnects when it must.
 //!
 //! Cost at rest, per member and heartbeat: one statement, whatever the group size: every
-//! other beat `shardlease.heartbeat` renews the lease, and the beats between read it with a
-//! plain statement. Only the [`CHECKERS`] lowest slots look for crashes, once per crash-check
+//! other beat a plain UPDATE through `shardlease.own_lease` renews the lease (schema version
+//! 9), and the beats between read it with a plain statement. Only the [`CHECKERS`] lowest slots look for crashes, once per crash-check
 //! interval each: one read of a shared counter, a look at the expiries only when one may have
 //! come due, and a shared try-lock per lease (no `pg_locks` scan) only when a session of the
 //! database has ended since the checker last looked, or once per heartbeat
